@@ -1,0 +1,39 @@
+//! Raw bindings to the MLX C API (mlx-c 0.7.0) for mlx-rs 0.33, built on
+//! Linux as well as macOS.
+//!
+//! This crate replaces crates.io's `mlx-sys` 0.7.0 through the workspace's
+//! `[patch.crates-io]`. Its build script compiles mlx-c against a prebuilt MLX
+//! 0.32.2 (the PyPI wheel `mlx-cpu`, or `MLX_DIR`) and generates the same
+//! bindings, so mlx-rs compiles unchanged. See this crate's README for the
+//! build inputs and the environment variables that steer them.
+#![allow(non_upper_case_globals)]
+#![allow(non_camel_case_types)]
+#![allow(non_snake_case)]
+#![allow(missing_docs)]
+#![allow(clippy::all)]
+
+include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+
+/// Path of the MLX shared library this crate was linked against.
+pub const LINKED_LIBMLX: &str = env!("MLX_SYS_LIBMLX");
+/// The BLAS the linked library was bound to at build time: `openblas` or
+/// `bundled` (whatever that MLX build brought, the slow reference BLAS for
+/// the PyPI wheel).
+pub const LINKED_BLAS: &str = env!("MLX_SYS_BLAS");
+/// The MLX release this crate was built against.
+pub const MLX_VERSION: &str = env!("MLX_SYS_MLX_VERSION");
+/// The mlx-c release whose bindings this crate exposes.
+pub const MLX_C_VERSION: &str = env!("MLX_SYS_MLX_C_VERSION");
+
+/// mlx-rs seeds its default random state from macOS's
+/// `mach_approximate_time`, which other platforms lack. This provides it
+/// from the monotonic clock, in nanoseconds.
+#[cfg(not(target_vendor = "apple"))]
+#[no_mangle]
+pub extern "C" fn mach_approximate_time() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
