@@ -2,21 +2,23 @@
 //! as upstream mlx-sys configures it so that mlx-rs sees the same items. The
 //! generated file is cached beside the compiled library's key.
 
-use crate::cache::Cache;
+use crate::cache::{self, Cache};
 use crate::native::BuiltMlxC;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-const PRELUDE: &str = include_str!("../native/bindgen_prelude.h");
-
-/// Writes `$OUT_DIR/bindings.rs`.
+/// Writes `$OUT_DIR/bindings.rs`. `prelude` is force-included before the
+/// mlx-c headers.
 pub fn generate(
     cache: &Cache,
     mlx_c: &Path,
     built: &BuiltMlxC,
+    prelude: &Path,
     out_dir: &Path,
 ) -> Result<(), String> {
-    let entry = cache.get_or_fill(&format!("bindings-{}", built.key), |scratch| {
+    let prelude_text = fs::read(prelude).map_err(|e| format!("{}: {e}", prelude.display()))?;
+    let key = cache::digest(&[built.key.as_bytes(), &prelude_text]);
+    let entry = cache.get_or_fill(&format!("bindings-{key}"), |scratch| {
         let bindings = headers(mlx_c)?
             .iter()
             .fold(
@@ -26,7 +28,8 @@ pub fn generate(
                             .parse()
                             .map_err(|e| format!("bindgen rust target: {e}"))?,
                     )
-                    .header_contents("mlx_zoo_prelude.h", PRELUDE)
+                    .clang_arg("-include")
+                    .clang_arg(prelude.to_string_lossy())
                     .clang_arg(format!("-I{}", mlx_c.display()))
                     .blocklist_function("malloc")
                     .blocklist_function("realloc"),

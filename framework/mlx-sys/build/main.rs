@@ -54,7 +54,8 @@ fn run() -> Result<(), String> {
     let mlx_c = sources::mlx_c_sources(&cache)?;
 
     let built = native::build_mlx_c(&cache, &mlx_c, &mlx, &manifest_dir.join("native"))?;
-    bindings::generate(&cache, &mlx_c, &built, &out_dir)?;
+    let prelude = manifest_dir.join("native").join("bindgen_prelude.h");
+    bindings::generate(&cache, &mlx_c, &built, &prelude, &out_dir)?;
     let staged = stage::stage_libmlx(&cache, &mlx, &target_os)?;
 
     println!("cargo:rustc-link-search=native={}", built.lib_dir.display());

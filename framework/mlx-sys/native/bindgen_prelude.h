@@ -7,6 +7,8 @@
 #include <stdint.h>
 #if !defined(__ARM_FEATURE_FP16_SCALAR_ARITHMETIC) && !defined(__aarch64__)
 #define MLX_HALF_H
+#define HAS_FLOAT16
+#define HAS_BFLOAT16
 typedef __fp16 float16_t;
 typedef uint16_t bfloat16_t;
 #endif

@@ -17,6 +17,9 @@
 #include "mlx/types/half_types.h"
 using float16_t = mlx::core::float16_t;
 using bfloat16_t = mlx::core::bfloat16_t;
+// mlx-c only declares its 16-bit accessors when these are set.
+#define HAS_FLOAT16
+#define HAS_BFLOAT16
 #endif
 
 #if __has_include(<format>)

@@ -1,0 +1,47 @@
+//! The object-safe model interface a trainer holds (`Box<dyn CausalLm>`):
+//! a forward pass over token ids with an optional KV cache, the parameters
+//! (through mlx-rs's `ModuleParameters`, so value-and-grad and optimizers
+//! work on it), and the model's dimensions.
+
+use crate::cache::KvCache;
+use crate::error::Result;
+use mlx_rs::module::ModuleParameters;
+use mlx_rs::Array;
+use serde::{Deserialize, Serialize};
+
+/// The dimensions every decoder-only model has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelDims {
+    /// Vocabulary size (rows of the output projection).
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Transformer blocks.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Features per head.
+    pub head_dim: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Context length the model was configured for.
+    pub max_position_embeddings: usize,
+}
+
+/// A causal language model.
+pub trait CausalLm: ModuleParameters + std::fmt::Debug {
+    /// Logits of shape `[batch, seq, vocab]` for `tokens` of shape
+    /// `[batch, seq]` (int32). With a cache, the tokens continue the cached
+    /// sequence and their keys and values are appended to it.
+    fn forward(&mut self, tokens: &Array, cache: Option<&mut KvCache>) -> Result<Array>;
+
+    /// The model's dimensions.
+    fn dims(&self) -> ModelDims;
+
+    /// An empty cache sized for this model.
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.dims().num_layers)
+    }
+}

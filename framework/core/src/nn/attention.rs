@@ -1,0 +1,151 @@
+//! Multi-head attention with grouped-query support (fewer key/value heads
+//! than query heads), rotary embeddings and an optional KV cache, on MLX's
+//! fused scaled-dot-product attention.
+
+use super::layers::linear;
+use super::rope::Rope;
+use crate::cache::LayerKv;
+use crate::error::{Error, MlxContext, Result};
+use mlx_rs::fast::ScaledDotProductAttentionMask;
+use mlx_rs::macros::ModuleParameters;
+use mlx_rs::module::Module;
+use mlx_rs::nn::Linear;
+use mlx_rs::Array;
+
+/// Shape and options of an attention block.
+#[derive(Debug, Clone)]
+pub struct AttentionConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (equal to `num_heads` without GQA).
+    pub num_kv_heads: usize,
+    /// Features per head.
+    pub head_dim: usize,
+    /// Bias on the q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    /// The rotary embedding applied to queries and keys.
+    pub rope: Rope,
+}
+
+/// Which positions a query may attend to.
+#[derive(Debug, Clone)]
+pub enum AttentionMask {
+    /// Every key (single-token decoding).
+    None,
+    /// Keys at or before the query's position.
+    Causal,
+    /// An additive mask broadcastable to `[batch, heads, queries, keys]`.
+    Additive(Array),
+}
+
+/// The attention block (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
+#[derive(Debug, ModuleParameters)]
+pub struct Attention {
+    /// Query projection.
+    #[param]
+    pub q_proj: Linear,
+    /// Key projection.
+    #[param]
+    pub k_proj: Linear,
+    /// Value projection.
+    #[param]
+    pub v_proj: Linear,
+    /// Output projection.
+    #[param]
+    pub o_proj: Linear,
+    num_heads: i32,
+    num_kv_heads: i32,
+    head_dim: i32,
+    scale: f32,
+    rope: Rope,
+}
+
+impl Attention {
+    /// Builds the block; weights start as zeros, to be loaded.
+    pub fn new(config: AttentionConfig) -> Result<Self> {
+        let AttentionConfig {
+            hidden_size,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            qkv_bias,
+            o_bias,
+            rope,
+        } = config;
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+            )));
+        }
+        Ok(Self {
+            q_proj: linear(hidden_size, num_heads * head_dim, qkv_bias)?,
+            k_proj: linear(hidden_size, num_kv_heads * head_dim, qkv_bias)?,
+            v_proj: linear(hidden_size, num_kv_heads * head_dim, qkv_bias)?,
+            o_proj: linear(num_heads * head_dim, hidden_size, o_bias)?,
+            num_heads: num_heads as i32,
+            num_kv_heads: num_kv_heads as i32,
+            head_dim: head_dim as i32,
+            scale: (head_dim as f32).powf(-0.5),
+            rope,
+        })
+    }
+
+    /// Attends over `x` of shape `[batch, seq, hidden]`, appending this
+    /// call's keys and values to `cache` when one is given.
+    pub fn forward(
+        &mut self,
+        x: &Array,
+        mask: &AttentionMask,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Array> {
+        let (batch, seq) = (x.shape()[0], x.shape()[1]);
+        let heads = |t: Array, n: i32| {
+            t.reshape(&[batch, seq, n, self.head_dim])
+                .and_then(|t| t.transpose_axes(&[0, 2, 1, 3]))
+        };
+        let ctx = || "computing attention".to_owned();
+        let queries = heads(self.q_proj.forward(x).context(ctx)?, self.num_heads).context(ctx)?;
+        let keys = heads(self.k_proj.forward(x).context(ctx)?, self.num_kv_heads).context(ctx)?;
+        let values = heads(self.v_proj.forward(x).context(ctx)?, self.num_kv_heads).context(ctx)?;
+
+        let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0);
+        let queries = self.rope.apply(&queries, offset)?;
+        let keys = self.rope.apply(&keys, offset)?;
+        let (keys, values) = match cache {
+            Some(cache) => cache.update(keys, values)?,
+            None => (keys, values),
+        };
+
+        let output = match mask {
+            AttentionMask::None => mlx_rs::fast::scaled_dot_product_attention(
+                &queries, &keys, &values, self.scale, None, None,
+            ),
+            AttentionMask::Causal => mlx_rs::fast::scaled_dot_product_attention(
+                &queries,
+                &keys,
+                &values,
+                self.scale,
+                ScaledDotProductAttentionMask::Causal,
+                None,
+            ),
+            AttentionMask::Additive(mask) => mlx_rs::fast::scaled_dot_product_attention(
+                &queries,
+                &keys,
+                &values,
+                self.scale,
+                ScaledDotProductAttentionMask::Array(mask),
+                None,
+            ),
+        }
+        .context(ctx)?;
+        let output = output
+            .transpose_axes(&[0, 2, 1, 3])
+            .and_then(|o| o.reshape(&[batch, seq, self.num_heads * self.head_dim]))
+            .context(ctx)?;
+        self.o_proj.forward(&output).context(ctx)
+    }
+}

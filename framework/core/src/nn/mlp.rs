@@ -1,0 +1,109 @@
+//! The feed-forward blocks: SwiGLU (`down(act(gate(x)) * up(x))`, LLaMA and
+//! most of its descendants) and the two-layer GELU MLP (`fc2(gelu(fc1(x)))`,
+//! Phi-2).
+
+use super::layers::linear;
+use crate::error::{Error, MlxContext, Result};
+use mlx_rs::macros::ModuleParameters;
+use mlx_rs::module::Module;
+use mlx_rs::nn::Linear;
+use mlx_rs::Array;
+use serde::{Deserialize, Serialize};
+
+/// An activation named the way `hidden_act` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Activation {
+    /// SiLU / swish.
+    #[serde(alias = "swish")]
+    Silu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluNew,
+    /// ReLU.
+    Relu,
+}
+
+impl Activation {
+    /// Applies the activation.
+    pub fn apply(self, x: &Array) -> Result<Array> {
+        match self {
+            Activation::Silu => mlx_rs::nn::silu(x),
+            Activation::Gelu => mlx_rs::nn::gelu(x),
+            Activation::GeluNew => mlx_rs::nn::gelu_approximate(x),
+            Activation::Relu => mlx_rs::nn::relu(x),
+        }
+        .context(|| format!("applying {self:?}"))
+    }
+}
+
+/// The gated MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.
+#[derive(Debug, ModuleParameters)]
+pub struct SwiGlu {
+    /// Gate projection.
+    #[param]
+    pub gate_proj: Linear,
+    /// Up projection.
+    #[param]
+    pub up_proj: Linear,
+    /// Down projection.
+    #[param]
+    pub down_proj: Linear,
+    activation: Activation,
+}
+
+impl SwiGlu {
+    /// A gated MLP of `hidden` -> `intermediate` -> `hidden`.
+    pub fn new(hidden: usize, intermediate: usize, bias: bool, activation: Activation) -> Result<Self> {
+        if intermediate == 0 {
+            return Err(Error::InvalidArgument("intermediate_size must be positive".into()));
+        }
+        Ok(Self {
+            gate_proj: linear(hidden, intermediate, bias)?,
+            up_proj: linear(hidden, intermediate, bias)?,
+            down_proj: linear(intermediate, hidden, bias)?,
+            activation,
+        })
+    }
+
+    /// Applies the block.
+    pub fn forward(&mut self, x: &Array) -> Result<Array> {
+        let ctx = || "computing the MLP".to_owned();
+        let gate = self.activation.apply(&self.gate_proj.forward(x).context(ctx)?)?;
+        let up = self.up_proj.forward(x).context(ctx)?;
+        self.down_proj.forward(&(gate * up)).context(ctx)
+    }
+}
+
+/// The two-layer MLP: `fc2(act(fc1(x)))`.
+#[derive(Debug, ModuleParameters)]
+pub struct GeluMlp {
+    /// First projection.
+    #[param]
+    pub fc1: Linear,
+    /// Second projection.
+    #[param]
+    pub fc2: Linear,
+    activation: Activation,
+}
+
+impl GeluMlp {
+    /// An MLP of `hidden` -> `intermediate` -> `hidden` with biases.
+    pub fn new(hidden: usize, intermediate: usize, activation: Activation) -> Result<Self> {
+        Ok(Self {
+            fc1: linear(hidden, intermediate, true)?,
+            fc2: linear(intermediate, hidden, true)?,
+            activation,
+        })
+    }
+
+    /// Applies the block.
+    pub fn forward(&mut self, x: &Array) -> Result<Array> {
+        let ctx = || "computing the MLP".to_owned();
+        let hidden = self.activation.apply(&self.fc1.forward(x).context(ctx)?)?;
+        self.fc2.forward(&hidden).context(ctx)
+    }
+}

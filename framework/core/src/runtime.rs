@@ -1,0 +1,181 @@
+//! Facts about the MLX runtime this process runs on: versions, the default
+//! device, which BLAS library MLX's CPU matmuls actually reach, and memory
+//! figures. The BLAS is read from the libraries loaded into the process, so
+//! it reports what runs, not what was intended at build time.
+
+use serde::Serialize;
+
+/// Which BLAS implementation serves MLX's CPU matmuls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlasInfo {
+    /// `OpenBLAS`, `reference BLAS`, `MKL`, `Accelerate` or `unknown`.
+    pub name: String,
+    /// The library file, when known.
+    pub library: Option<String>,
+    /// Whether this BLAS is known to be slow (the reference implementation).
+    pub slow: bool,
+}
+
+/// MLX memory figures, in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryInfo {
+    /// Memory held by live arrays.
+    pub active: usize,
+    /// Highest `active` since start (or the last reset).
+    pub peak: usize,
+    /// Memory kept in MLX's buffer cache.
+    pub cache: usize,
+    /// MLX's memory limit.
+    pub limit: usize,
+}
+
+/// Everything `zoo info` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuntimeInfo {
+    /// MLX version.
+    pub mlx_version: String,
+    /// mlx-c version of the bindings.
+    pub mlx_c_version: String,
+    /// The default device, e.g. `cpu`.
+    pub device: String,
+    /// The MLX library loaded.
+    pub libmlx: String,
+    /// The BLAS in use.
+    pub blas: BlasInfo,
+    /// Memory figures.
+    pub memory: MemoryInfo,
+}
+
+/// Reads the runtime facts.
+pub fn runtime_info() -> RuntimeInfo {
+    let device = mlx_rs::Device::try_default()
+        .ok()
+        .and_then(|d| d.get_type().ok())
+        .map(|t| format!("{t:?}").to_lowercase())
+        .unwrap_or_else(|| "unknown".into());
+    RuntimeInfo {
+        mlx_version: mlx_version(),
+        mlx_c_version: mlx_sys::MLX_C_VERSION.to_owned(),
+        device,
+        libmlx: mlx_sys::LINKED_LIBMLX.to_owned(),
+        blas: blas(),
+        memory: memory(),
+    }
+}
+
+/// The current memory figures.
+pub fn memory() -> MemoryInfo {
+    MemoryInfo {
+        active: mlx_rs::memory::active_memory().unwrap_or(0),
+        peak: mlx_rs::memory::peak_memory().unwrap_or(0),
+        cache: mlx_rs::memory::cache_memory().unwrap_or(0),
+        limit: mlx_rs::memory::memory_limit().unwrap_or(0),
+    }
+}
+
+/// The MLX version reported by the loaded library.
+pub fn mlx_version() -> String {
+    // Safety: mlx_version fills a freshly created mlx_string, which is
+    // freed after its contents are copied out.
+    unsafe {
+        let mut s = mlx_sys::mlx_string_new();
+        let version = if mlx_sys::mlx_version(&mut s) == 0 {
+            let ptr = mlx_sys::mlx_string_data(s);
+            if ptr.is_null() {
+                None
+            } else {
+                Some(std::ffi::CStr::from_ptr(ptr).to_string_lossy().into_owned())
+            }
+        } else {
+            None
+        };
+        mlx_sys::mlx_string_free(s);
+        version.unwrap_or_else(|| mlx_sys::MLX_VERSION.to_owned())
+    }
+}
+
+/// Which BLAS is loaded into this process.
+pub fn blas() -> BlasInfo {
+    let libraries = loaded_libraries();
+    let find = |needle: &str| libraries.iter().find(|l| l.to_lowercase().contains(needle)).cloned();
+    if let Some(lib) = find("openblas") {
+        return BlasInfo {
+            name: "OpenBLAS".into(),
+            library: Some(lib),
+            slow: false,
+        };
+    }
+    if let Some(lib) = find("mkl") {
+        return BlasInfo {
+            name: "MKL".into(),
+            library: Some(lib),
+            slow: false,
+        };
+    }
+    if cfg!(target_vendor = "apple") {
+        return BlasInfo {
+            name: "Accelerate".into(),
+            library: None,
+            slow: false,
+        };
+    }
+    if let Some(lib) = find("libblas") {
+        return BlasInfo {
+            name: "reference BLAS".into(),
+            library: Some(lib),
+            slow: true,
+        };
+    }
+    BlasInfo {
+        name: "unknown".into(),
+        library: None,
+        slow: false,
+    }
+}
+
+/// Logs a warning when MLX runs on the slow reference BLAS. Binaries call it
+/// once at start-up.
+pub fn warn_if_slow_blas() {
+    let blas = blas();
+    if blas.slow {
+        tracing::warn!(
+            library = blas.library.as_deref().unwrap_or("?"),
+            "MLX is using the reference BLAS, about 20x slower than OpenBLAS for matmuls; \
+             install libopenblas-dev and rebuild (cargo clean -p mlx-sys)"
+        );
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn loaded_libraries() -> Vec<String> {
+    unsafe extern "C" fn collect(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // Safety: called by dl_iterate_phdr with a valid info pointer and the
+        // Vec passed below.
+        unsafe {
+            let names = &mut *(data as *mut Vec<String>);
+            let name = (*info).dlpi_name;
+            if !name.is_null() {
+                let name = std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned();
+                if !name.is_empty() {
+                    names.push(name);
+                }
+            }
+        }
+        0
+    }
+    let mut names: Vec<String> = Vec::new();
+    // Safety: the callback only touches `names`, which outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(Some(collect), &mut names as *mut Vec<String> as *mut libc::c_void);
+    }
+    names
+}
+
+#[cfg(not(target_os = "linux"))]
+fn loaded_libraries() -> Vec<String> {
+    Vec::new()
+}
