@@ -1,0 +1,19 @@
+//! The mlx-zoo facade: the core API plus every built-in plugin, linked.
+//!
+//! Plugins register themselves through `inventory`, but a crate that nothing
+//! references can be left out by the linker, taking its registration with
+//! it. This crate references each built-in plugin crate, so a binary that
+//! depends on `mlx-zoo` and calls [`registry`] sees them all. A binary that
+//! adds a third-party plugin must reference it the same way
+//! (`use my_family_plugin as _;`).
+
+pub use mlx_zoo_core::*;
+
+/// The LLaMA family.
+pub use mlx_zoo_llama as llama;
+
+/// A registry holding every plugin linked into this binary: the built-in
+/// ones and any third-party crate the binary references.
+pub fn registry() -> Result<Registry> {
+    Registry::from_inventory()
+}

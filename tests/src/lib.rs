@@ -1,0 +1,93 @@
+//! The shared parity harness: runs a fixture checkpoint made by
+//! `tests/fixtures/make_fixtures.py` through mlx-zoo and compares the logits
+//! with the ones Hugging Face transformers recorded for the same input ids.
+//! Family crates' tests call [`assert_parity`] on their fixtures.
+
+use mlx_rs::Array;
+use mlx_zoo::loader::{self, LoadOptions, LoadedModel};
+use std::path::{Path, PathBuf};
+
+/// Largest accepted absolute difference between our logits and
+/// transformers' (float32).
+pub const TOLERANCE: f32 = 1e-4;
+
+/// The directory of fixture `case`.
+pub fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join("models")
+        .join(case)
+}
+
+/// The reference recorded next to a fixture.
+pub struct Reference {
+    /// Input ids, `[batch, seq]`, as int32.
+    pub input_ids: Array,
+    /// Expected logits, flattened.
+    pub logits: Vec<f32>,
+    /// Shape of the logits.
+    pub shape: Vec<i32>,
+}
+
+/// Reads `reference.safetensors` of fixture `case`.
+pub fn reference(case: &str) -> Reference {
+    let path = fixture(case).join("reference.safetensors");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let ids = tensors.tensor("input_ids").expect("input_ids");
+    let ids_shape: Vec<i32> = ids.shape().iter().map(|&d| d as i32).collect();
+    let ids: Vec<i32> = ids
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as i32)
+        .collect();
+    let logits = tensors.tensor("logits").expect("logits");
+    let shape = logits.shape().iter().map(|&d| d as i32).collect();
+    let logits = logits
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    Reference {
+        input_ids: Array::from_slice(&ids, &ids_shape),
+        logits,
+        shape,
+    }
+}
+
+/// Loads fixture `case` with the built-in registry.
+pub fn load(case: &str) -> LoadedModel {
+    let registry = mlx_zoo::registry().expect("registry");
+    loader::load(&registry, &fixture(case), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("loading {case}: {e}"))
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Runs fixture `case` on its reference input in one forward pass and
+/// asserts its logits are within [`TOLERANCE`] of transformers'. Returns the
+/// difference.
+pub fn assert_parity(case: &str) -> f32 {
+    let reference = reference(case);
+    let mut loaded = load(case);
+    let logits = loaded
+        .model
+        .forward(&reference.input_ids, None)
+        .unwrap_or_else(|e| panic!("{case}: forward: {e}"));
+    assert_eq!(logits.shape(), reference.shape.as_slice(), "{case}: logits shape");
+    let diff = max_abs_diff(logits.as_slice::<f32>(), &reference.logits);
+    assert!(
+        diff < TOLERANCE,
+        "{case}: max abs diff {diff} against transformers exceeds {TOLERANCE}"
+    );
+    eprintln!("{case}: max abs diff against transformers {diff:e}");
+    diff
+}
