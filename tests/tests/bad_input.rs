@@ -1,0 +1,221 @@
+//! Bad checkpoints give clear errors that name the file, tensor or key, and
+//! never panic.
+
+use mlx_zoo::loader::{self, LoadOptions};
+use mlx_zoo_tests::fixture;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tempfile::TempDir;
+
+/// A copy of fixture `case` in a temporary directory.
+fn copy_fixture(case: &str) -> (TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(case);
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(case)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    (tmp, dir)
+}
+
+type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Rewrites `path` after `edit` changed its tensors.
+fn rewrite(path: &Path, edit: impl FnOnce(&mut Tensors)) {
+    let bytes = std::fs::read(path).unwrap();
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Tensors = parsed
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn load_error(dir: &Path) -> String {
+    let registry = mlx_zoo::registry().unwrap();
+    match loader::load(&registry, dir, &LoadOptions::default()) {
+        Ok(_) => panic!("{} loaded although it is broken", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn unknown_model_type_names_it_and_the_closest_architecture() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let config = config
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"lama\"")
+        .replace("LlamaForCausalLM", "LamaForCausalLM");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("model_type `lama`"), "{err}");
+    assert!(err.contains("did you mean llama"), "{err}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    rewrite(&dir.join("model.safetensors"), |t| {
+        t.remove("model.layers.1.mlp.up_proj.weight");
+    });
+    let err = load_error(&dir);
+    assert!(err.contains("missing from the checkpoint: model.layers.1.mlp.up_proj.weight"), "{err}");
+}
+
+#[test]
+fn unexpected_tensor_is_named() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    rewrite(&dir.join("model.safetensors"), |t| {
+        t.insert("model.vision_tower.weight".into(), (Dtype::F32, vec![2], vec![0; 8]));
+    });
+    let err = load_error(&dir);
+    assert!(err.contains("unexpected in the checkpoint: model.vision_tower.weight"), "{err}");
+}
+
+#[test]
+fn wrong_shape_names_tensor_and_both_shapes() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    rewrite(&dir.join("model.safetensors"), |t| {
+        t.insert(
+            "model.layers.0.self_attn.k_proj.weight".into(),
+            (Dtype::F32, vec![16, 64], vec![0; 16 * 64 * 4]),
+        );
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("expected [32, 64], found [16, 64]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn allow_unclean_loads_anyway() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    rewrite(&dir.join("model.safetensors"), |t| {
+        t.insert("extra".into(), (Dtype::F32, vec![1], vec![0; 4]));
+    });
+    let registry = mlx_zoo::registry().unwrap();
+    let options = LoadOptions {
+        allow_unclean: true,
+        ..Default::default()
+    };
+    let loaded = loader::load(&registry, &dir, &options).unwrap();
+    assert_eq!(loaded.report.unexpected, vec!["extra"]);
+}
+
+#[test]
+fn truncated_safetensors_names_the_file() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("model.safetensors: not a valid safetensors file"), "{err}");
+}
+
+#[test]
+fn garbage_header_names_the_file() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    std::fs::write(dir.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......").unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("not a valid safetensors file"), "{err}");
+}
+
+#[test]
+fn index_pointing_to_a_missing_shard_names_it() {
+    let (_tmp, dir) = copy_fixture("llama-sharded");
+    let shard = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.starts_with("model-00002"))
+        .unwrap();
+    std::fs::remove_file(dir.join(&shard)).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("model.safetensors.index.json"), "{err}");
+    assert!(err.contains(&format!("points to shard {shard}")), "{err}");
+}
+
+#[test]
+fn index_missing_a_tensor_its_shard_holds_is_an_error() {
+    let (_tmp, dir) = copy_fixture("llama-sharded");
+    let index_path = dir.join("model.safetensors.index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["weight_map"]
+        .as_object_mut()
+        .unwrap()
+        .remove("model.norm.weight");
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("does not list tensor model.norm.weight"), "{err}");
+}
+
+#[test]
+fn invalid_config_json_names_the_file() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    std::fs::write(dir.join("config.json"), "{\"model_type\": \"llama\",").unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("config.json: invalid JSON"), "{err}");
+}
+
+#[test]
+fn config_value_of_the_wrong_type_names_the_key() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": \"two\"");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("key `num_key_value_heads`"), "{err}");
+}
+
+#[test]
+fn inconsistent_heads_name_the_key() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("num_key_value_heads") && err.contains("does not divide"), "{err}");
+}
+
+#[test]
+fn unsupported_rope_type_names_the_key() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"rope_type\": \"default\"", "\"rope_type\": \"wobbly\"");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let err = load_error(&dir);
+    assert!(err.contains("rope_scaling") && err.contains("wobbly"), "{err}");
+}
+
+#[test]
+fn directory_without_weights_says_what_it_expected() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("llama-gqa").join("config.json"), tmp.path().join("config.json")).unwrap();
+    let err = load_error(tmp.path());
+    assert!(err.contains("no weights found"), "{err}");
+}
+
+#[test]
+fn unsupported_dtype_names_the_tensor() {
+    let (_tmp, dir) = copy_fixture("llama-gqa");
+    rewrite(&dir.join("model.safetensors"), |t| {
+        let (_, shape, bytes) = t.remove("model.norm.weight").unwrap();
+        let ints = bytes.chunks_exact(4).flat_map(|_| 1i32.to_le_bytes()).collect();
+        t.insert("model.norm.weight".into(), (Dtype::I32, shape, ints));
+    });
+    let err = load_error(&dir);
+    assert!(err.contains("tensor `model.norm.weight` has dtype I32"), "{err}");
+}
