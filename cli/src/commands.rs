@@ -1,0 +1,281 @@
+//! The subcommands. Each returns an `anyhow` report whose context chain
+//! says what was being done; `main` prints it.
+
+use crate::npy;
+use anyhow::{bail, Context, Result};
+use mlx_rs::Array;
+use mlx_zoo::loader::{self, ComputeDtype, LoadOptions};
+use mlx_zoo::registry::Candidate;
+use mlx_zoo::{Detection, MappingReport};
+use std::path::Path;
+
+fn registry() -> Result<mlx_zoo::Registry> {
+    mlx_zoo::registry().context("building the plugin registry")
+}
+
+/// `zoo archs`.
+pub fn archs(json: bool) -> Result<()> {
+    let archs = registry()?.architectures();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&archs)?);
+        return Ok(());
+    }
+    for arch in archs {
+        println!("{}  {}", arch.name, arch.description);
+        println!("    model_type:    {}", arch.model_types.join(", "));
+        println!("    architectures: {}", arch.hf_architectures.join(", "));
+        println!("    adapter targets by default: {}", arch.default_adapter_targets.join(", "));
+    }
+    Ok(())
+}
+
+fn bytes(n: usize) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `zoo info`.
+pub fn info(json: bool) -> Result<()> {
+    let info = mlx_zoo::runtime::runtime_info();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("MLX        {} (mlx-c {})", info.mlx_version, info.mlx_c_version);
+    println!("library    {}", info.libmlx);
+    println!("device     {}", info.device);
+    let slow = if info.blas.slow { "  (slow: install libopenblas-dev and rebuild)" } else { "" };
+    println!(
+        "BLAS       {} {}{slow}",
+        info.blas.name,
+        info.blas.library.as_deref().unwrap_or("")
+    );
+    println!(
+        "memory     active {}, peak {}, cache {}, limit {}",
+        bytes(info.memory.active),
+        bytes(info.memory.peak),
+        bytes(info.memory.cache),
+        bytes(info.memory.limit)
+    );
+    Ok(())
+}
+
+fn print_candidates(candidates: &[Candidate]) {
+    for candidate in candidates {
+        match &candidate.detection {
+            Detection::Match { priority, reason } => {
+                println!("    {:<10} match, priority {priority}: {reason}", candidate.name)
+            }
+            Detection::NoMatch { reason } => println!("    {:<10} no: {reason}", candidate.name),
+        }
+    }
+}
+
+fn print_report(report: &MappingReport) {
+    println!("mapping       {}", report.counts());
+    for t in &report.transformed {
+        println!("    {} -> {}: {}", t.from.join(" + "), t.to.join(", "), t.op);
+    }
+    for t in &report.tied {
+        println!("    {} tied to {}", t.parameter, t.source);
+    }
+    for d in &report.dropped {
+        println!("    dropped {}: {}", d.tensor, d.reason);
+    }
+    let problems = report.problems(20);
+    if !problems.is_empty() {
+        for line in problems.lines() {
+            println!("    {line}");
+        }
+    }
+}
+
+/// `zoo inspect`.
+pub fn inspect(model: &Path, json: bool) -> Result<()> {
+    let inspection = loader::inspect(&registry()?, model)
+        .with_context(|| format!("inspecting {}", model.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&inspection)?);
+        return Ok(());
+    }
+    let d = &inspection.dims;
+    println!("model         {}", inspection.dir.display());
+    println!("architecture  {} ({})", inspection.architecture, inspection.reason);
+    print_candidates(&inspection.candidates);
+    println!(
+        "config        hidden {}, layers {}, heads {} (kv {}), head_dim {}, intermediate {}, vocab {}, context {}",
+        d.hidden_size, d.num_layers, d.num_heads, d.num_kv_heads, d.head_dim,
+        d.intermediate_size, d.vocab_size, d.max_position_embeddings
+    );
+    println!("parameters    {}", inspection.parameters);
+    let files: Vec<String> = inspection
+        .files
+        .iter()
+        .map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .collect();
+    println!("files         {}", files.join(", "));
+    print_report(&inspection.report);
+    Ok(())
+}
+
+/// Reads a JSON array of equal-length arrays of token ids, checked against
+/// the vocabulary.
+fn read_tokens(path: &Path, vocab: usize) -> Result<Array> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let rows: Vec<Vec<i64>> = serde_json::from_str(&text).with_context(|| {
+        format!("{}: expected a JSON array of arrays of integer token ids, e.g. [[1, 2, 3]]", path.display())
+    })?;
+    if rows.is_empty() || rows[0].is_empty() {
+        bail!("{}: expected at least one non-empty sequence of token ids", path.display());
+    }
+    let seq = rows[0].len();
+    let mut flat = Vec::with_capacity(rows.len() * seq);
+    for (i, row) in rows.iter().enumerate() {
+        if row.len() != seq {
+            bail!(
+                "{}: sequence {i} has {} ids but sequence 0 has {seq}; all sequences must have the same length",
+                path.display(),
+                row.len()
+            );
+        }
+        for (j, &id) in row.iter().enumerate() {
+            if id < 0 || id as usize >= vocab {
+                bail!(
+                    "{}: token id {id} at [{i}][{j}] is outside the vocabulary [0, {vocab})",
+                    path.display()
+                );
+            }
+            flat.push(id as i32);
+        }
+    }
+    Ok(Array::from_slice(&flat, &[rows.len() as i32, seq as i32]))
+}
+
+/// `zoo logits`.
+pub fn logits(model: &Path, tokens: &Path, out: &Path, dtype: &str, allow_unclean: bool) -> Result<()> {
+    let dtype: ComputeDtype = dtype.parse()?;
+    let options = LoadOptions { dtype, allow_unclean };
+    let mut loaded = loader::load(&registry()?, model, &options)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let ids = read_tokens(tokens, loaded.model.dims().vocab_size)?;
+    let logits = loaded
+        .model
+        .forward(&ids, None)
+        .with_context(|| format!("running {}", model.display()))?
+        .as_dtype(mlx_rs::Dtype::Float32)
+        .context("casting logits to float32")?;
+    logits.eval().context("computing logits")?;
+    let shape: Vec<usize> = logits.shape().iter().map(|&d| d as usize).collect();
+    npy::write_f32(out, &shape, logits.as_slice::<f32>())?;
+    tracing::info!(?shape, out = %out.display(), "wrote logits");
+    eprintln!("wrote {} logits {:?} to {}", loaded.architecture, shape, out.display());
+    Ok(())
+}
+
+/// The tiny LLaMA bundled into the binary (made by
+/// tests/fixtures/make_fixtures.py with transformers).
+const DEMO_FILES: [(&str, &[u8]); 3] = [
+    ("config.json", include_bytes!("../../tests/fixtures/models/llama-gqa/config.json")),
+    ("model.safetensors", include_bytes!("../../tests/fixtures/models/llama-gqa/model.safetensors")),
+    (
+        "reference.safetensors",
+        include_bytes!("../../tests/fixtures/models/llama-gqa/reference.safetensors"),
+    ),
+];
+
+fn reference(dir: &Path) -> Result<Option<(Vec<i32>, Vec<usize>, Vec<f32>)>> {
+    let path = dir.join("reference.safetensors");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let tensors = mlx_rs::Array::load_safetensors(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let ids = tensors.get("input_ids").context("reference has no input_ids")?;
+    let logits = tensors.get("logits").context("reference has no logits")?;
+    let ids = ids.as_dtype(mlx_rs::Dtype::Int32)?;
+    Ok(Some((
+        ids.as_slice::<i32>().to_vec(),
+        ids.shape().iter().map(|&d| d as usize).collect(),
+        logits.as_slice::<f32>().to_vec(),
+    )))
+}
+
+/// `zoo demo`.
+pub fn demo(model: Option<&Path>) -> Result<()> {
+    let scratch;
+    let dir = match model {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            scratch = tempfile_dir()?;
+            for (name, data) in DEMO_FILES {
+                std::fs::write(scratch.join(name), data)
+                    .with_context(|| format!("writing the bundled model to {}", scratch.display()))?;
+            }
+            println!("bundled tiny LLaMA (2 layers, GQA 4/2 heads, vocab 128) unpacked to {}", scratch.display());
+            scratch.clone()
+        }
+    };
+    let info = mlx_zoo::runtime::runtime_info();
+    println!("MLX {} on {} with {}\n", info.mlx_version, info.device, info.blas.name);
+    inspect(&dir, false)?;
+
+    let started = std::time::Instant::now();
+    let mut loaded = loader::load(&registry()?, &dir, &LoadOptions::default())
+        .with_context(|| format!("loading {}", dir.display()))?;
+    println!("\nloaded in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+
+    if let Some((ids, shape, expected)) = reference(&dir)? {
+        let input = Array::from_slice(&ids, &[shape[0] as i32, shape[1] as i32]);
+        let logits = loaded.model.forward(&input, None)?;
+        let diff = logits
+            .as_slice::<f32>()
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        println!(
+            "logits for {}x{} reference tokens: max |mlx-zoo - transformers| = {diff:.2e} ({})",
+            shape[0],
+            shape[1],
+            if diff < 1e-4 { "match" } else { "MISMATCH" }
+        );
+        if diff >= 1e-4 {
+            bail!("the bundled model's logits differ from transformers' by {diff}");
+        }
+        let prompt: Vec<i32> = ids[..shape[1]].to_vec();
+        let generated = greedy(loaded.model.as_mut(), &prompt, 8)?;
+        println!("greedy continuation of {prompt:?}: {generated:?}");
+    }
+    if model.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+fn greedy(model: &mut dyn mlx_zoo::CausalLm, prompt: &[i32], steps: usize) -> Result<Vec<i32>> {
+    let mut cache = model.new_cache();
+    let mut input = Array::from_slice(prompt, &[1, prompt.len() as i32]);
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let logits = model.forward(&input, Some(&mut cache))?;
+        let last = logits.shape()[1] - 1;
+        use mlx_rs::ops::indexing::IndexOp;
+        let next = mlx_rs::ops::indexing::argmax_axis(logits.index((.., last, ..)), -1, None)?;
+        let token = next.as_dtype(mlx_rs::Dtype::Int32)?.item_exact::<i32>();
+        out.push(token);
+        input = Array::from_slice(&[token], &[1, 1]);
+    }
+    Ok(out)
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("zoo-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}

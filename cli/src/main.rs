@@ -1,0 +1,127 @@
+//! `zoo`: the mlx-zoo command line. Lists the registered architectures,
+//! shows the MLX runtime, inspects a Hugging Face checkpoint (which
+//! architecture claims it and why, its config, its weight mapping), computes
+//! logits, and runs a demo on a bundled tiny model.
+
+mod commands;
+mod npy;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Load, inspect and run open LLMs on MLX.
+#[derive(Parser, Debug)]
+#[command(name = "zoo", version, about, long_about = None)]
+struct Cli {
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the bundled tiny LLaMA: resolve, map, load, compare its logits
+    /// with transformers' and decode a few tokens.
+    ///
+    /// Example: zoo demo
+    Demo {
+        /// Use this model directory instead of the bundled one.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// List the registered architectures.
+    ///
+    /// Example: zoo archs --json
+    Archs {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the MLX version, device, BLAS in use and memory figures.
+    ///
+    /// Example: zoo info
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show which architecture handles MODEL and why, its config, parameter
+    /// count and weight-mapping report (no tensor data is loaded).
+    ///
+    /// Example: zoo inspect ./TinyLlama --json
+    Inspect {
+        /// A model directory (config.json + safetensors).
+        model: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compute logits for token ids and write them as a float32 .npy of
+    /// shape [batch, seq, vocab].
+    ///
+    /// Example: zoo logits ./TinyLlama --tokens ids.json --out logits.npy
+    Logits {
+        /// A model directory (config.json + safetensors).
+        model: PathBuf,
+        /// A JSON array of equal-length arrays of token ids.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Where to write the .npy file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Compute dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Load even if tensors are missing, unexpected or mis-shaped.
+        #[arg(long)]
+        allow_unclean: bool,
+    },
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZOO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    mlx_zoo::runtime::warn_if_slow_blas();
+    let result = match cli.command {
+        Command::Demo { model } => commands::demo(model.as_deref()),
+        Command::Archs { json } => commands::archs(json),
+        Command::Info { json } => commands::info(json),
+        Command::Inspect { model, json } => commands::inspect(&model, json),
+        Command::Logits {
+            model,
+            tokens,
+            out,
+            dtype,
+            allow_unclean,
+        } => commands::logits(&model, &tokens, &out, &dtype, allow_unclean),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
