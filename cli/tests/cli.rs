@@ -1,0 +1,127 @@
+//! The `zoo` binary end to end: its listings are snapshotted, `logits`
+//! writes what transformers computed, and bad input fails cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn zoo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(args)
+        .env_remove("ZOO_LOG")
+        .output()
+        .expect("running zoo")
+}
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models")
+        .join(case)
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "zoo failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+#[test]
+fn archs_listing() {
+    insta::assert_snapshot!(stdout(&zoo(&["archs"])));
+}
+
+#[test]
+fn archs_json_listing() {
+    let json: serde_json::Value = serde_json::from_str(&stdout(&zoo(&["archs", "--json"]))).unwrap();
+    insta::assert_yaml_snapshot!(json);
+}
+
+#[test]
+fn info_names_the_blas() {
+    let json: serde_json::Value = serde_json::from_str(&stdout(&zoo(&["info", "--json"]))).unwrap();
+    assert_eq!(json["mlx_version"], "0.32.2");
+    assert!(json["blas"]["name"].is_string());
+}
+
+#[test]
+fn inspect_explains_the_choice() {
+    let out = stdout(&zoo(&["inspect", fixture("llama-meta").to_str().unwrap()]));
+    assert!(out.contains("architecture  llama (model_type \"llama\" (priority 100))"), "{out}");
+    assert!(out.contains("rotary interleaved -> halves (4 heads)"), "{out}");
+    assert!(out.contains("0 missing, 0 unexpected"), "{out}");
+}
+
+fn read_npy_f32(path: &Path) -> (String, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = String::from_utf8(bytes[10..10 + header_len].to_vec()).unwrap();
+    let data = bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (header, data)
+}
+
+#[test]
+fn logits_match_transformers() {
+    let reference = mlx_rs::Array::load_safetensors(fixture("llama-gqa").join("reference.safetensors")).unwrap();
+    let ids = reference["input_ids"].as_dtype(mlx_rs::Dtype::Int32).unwrap();
+    let rows: Vec<Vec<i32>> = ids.as_slice::<i32>().chunks(ids.shape()[1] as usize).map(<[i32]>::to_vec).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("ids.json");
+    std::fs::write(&tokens, serde_json::to_string(&rows).unwrap()).unwrap();
+    let out = dir.path().join("logits.npy");
+    let result = zoo(&[
+        "logits",
+        fixture("llama-gqa").to_str().unwrap(),
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    stdout(&result);
+    let (header, data) = read_npy_f32(&out);
+    assert!(header.contains("'shape': (2, 12, 128)"), "{header}");
+    let expected = reference["logits"].as_slice::<f32>();
+    let diff = data.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(diff < 1e-4, "max abs diff {diff}");
+}
+
+#[test]
+fn ragged_tokens_are_refused_without_writing_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("ids.json");
+    std::fs::write(&tokens, "[[1, 2, 3], [4, 5]]").unwrap();
+    let out = dir.path().join("logits.npy");
+    let result = zoo(&[
+        "logits",
+        fixture("llama-gqa").to_str().unwrap(),
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("sequence 1 has 2 ids but sequence 0 has 3"), "{stderr}");
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+}
+
+#[test]
+fn missing_model_directory_is_named() {
+    let result = zoo(&["inspect", "/nonexistent/model"]);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("/nonexistent/model"), "{stderr}");
+}
+
+#[test]
+fn demo_runs_on_the_bundled_model() {
+    let out = stdout(&zoo(&["demo"]));
+    assert!(out.contains("(match)"), "{out}");
+    assert!(out.contains("greedy continuation"), "{out}");
+}
