@@ -24,7 +24,10 @@ pub fn archs(json: bool) -> Result<()> {
         println!("{}  {}", arch.name, arch.description);
         println!("    model_type:    {}", arch.model_types.join(", "));
         println!("    architectures: {}", arch.hf_architectures.join(", "));
-        println!("    adapter targets by default: {}", arch.default_adapter_targets.join(", "));
+        println!(
+            "    adapter targets by default: {}",
+            arch.default_adapter_targets.join(", ")
+        );
     }
     Ok(())
 }
@@ -47,10 +50,17 @@ pub fn info(json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
     }
-    println!("MLX        {} (mlx-c {})", info.mlx_version, info.mlx_c_version);
+    println!(
+        "MLX        {} (mlx-c {})",
+        info.mlx_version, info.mlx_c_version
+    );
     println!("library    {}", info.libmlx);
     println!("device     {}", info.device);
-    let slow = if info.blas.slow { "  (slow: install libopenblas-dev and rebuild)" } else { "" };
+    let slow = if info.blas.slow {
+        "  (slow: install libopenblas-dev and rebuild)"
+    } else {
+        ""
+    };
     println!(
         "BLAS       {} {}{slow}",
         info.blas.name,
@@ -70,7 +80,10 @@ fn print_candidates(candidates: &[Candidate]) {
     for candidate in candidates {
         match &candidate.detection {
             Detection::Match { priority, reason } => {
-                println!("    {:<10} match, priority {priority}: {reason}", candidate.name)
+                println!(
+                    "    {:<10} match, priority {priority}: {reason}",
+                    candidate.name
+                )
             }
             Detection::NoMatch { reason } => println!("    {:<10} no: {reason}", candidate.name),
         }
@@ -80,7 +93,12 @@ fn print_candidates(candidates: &[Candidate]) {
 fn print_report(report: &MappingReport) {
     println!("mapping       {}", report.counts());
     for t in &report.transformed {
-        println!("    {} -> {}: {}", t.from.join(" + "), t.to.join(", "), t.op);
+        println!(
+            "    {} -> {}: {}",
+            t.from.join(" + "),
+            t.to.join(", "),
+            t.op
+        );
     }
     for t in &report.tied {
         println!("    {} tied to {}", t.parameter, t.source);
@@ -106,7 +124,10 @@ pub fn inspect(model: &Path, json: bool) -> Result<()> {
     }
     let d = &inspection.dims;
     println!("model         {}", inspection.dir.display());
-    println!("architecture  {} ({})", inspection.architecture, inspection.reason);
+    println!(
+        "architecture  {} ({})",
+        inspection.architecture, inspection.reason
+    );
     print_candidates(&inspection.candidates);
     println!(
         "config        hidden {}, layers {}, heads {} (kv {}), head_dim {}, intermediate {}, vocab {}, context {}",
@@ -117,7 +138,11 @@ pub fn inspect(model: &Path, json: bool) -> Result<()> {
     let files: Vec<String> = inspection
         .files
         .iter()
-        .map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .map(|f| {
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
         .collect();
     println!("files         {}", files.join(", "));
     print_report(&inspection.report);
@@ -127,12 +152,19 @@ pub fn inspect(model: &Path, json: bool) -> Result<()> {
 /// Reads a JSON array of equal-length arrays of token ids, checked against
 /// the vocabulary.
 fn read_tokens(path: &Path, vocab: usize) -> Result<Array> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let rows: Vec<Vec<i64>> = serde_json::from_str(&text).with_context(|| {
-        format!("{}: expected a JSON array of arrays of integer token ids, e.g. [[1, 2, 3]]", path.display())
+        format!(
+            "{}: expected a JSON array of arrays of integer token ids, e.g. [[1, 2, 3]]",
+            path.display()
+        )
     })?;
     if rows.is_empty() || rows[0].is_empty() {
-        bail!("{}: expected at least one non-empty sequence of token ids", path.display());
+        bail!(
+            "{}: expected at least one non-empty sequence of token ids",
+            path.display()
+        );
     }
     let seq = rows[0].len();
     let mut flat = Vec::with_capacity(rows.len() * seq);
@@ -158,9 +190,18 @@ fn read_tokens(path: &Path, vocab: usize) -> Result<Array> {
 }
 
 /// `zoo logits`.
-pub fn logits(model: &Path, tokens: &Path, out: &Path, dtype: &str, allow_unclean: bool) -> Result<()> {
+pub fn logits(
+    model: &Path,
+    tokens: &Path,
+    out: &Path,
+    dtype: &str,
+    allow_unclean: bool,
+) -> Result<()> {
     let dtype: ComputeDtype = dtype.parse()?;
-    let options = LoadOptions { dtype, allow_unclean };
+    let options = LoadOptions {
+        dtype,
+        allow_unclean,
+    };
     let mut loaded = loader::load(&registry()?, model, &options)
         .with_context(|| format!("loading {}", model.display()))?;
     let ids = read_tokens(tokens, loaded.model.dims().vocab_size)?;
@@ -174,36 +215,57 @@ pub fn logits(model: &Path, tokens: &Path, out: &Path, dtype: &str, allow_unclea
     let shape: Vec<usize> = logits.shape().iter().map(|&d| d as usize).collect();
     npy::write_f32(out, &shape, logits.as_slice::<f32>())?;
     tracing::info!(?shape, out = %out.display(), "wrote logits");
-    eprintln!("wrote {} logits {:?} to {}", loaded.architecture, shape, out.display());
+    eprintln!(
+        "wrote {} logits {:?} to {}",
+        loaded.architecture,
+        shape,
+        out.display()
+    );
     Ok(())
 }
 
 /// The tiny LLaMA bundled into the binary (made by
 /// tests/fixtures/make_fixtures.py with transformers).
 const DEMO_FILES: [(&str, &[u8]); 3] = [
-    ("config.json", include_bytes!("../../tests/fixtures/models/llama-gqa/config.json")),
-    ("model.safetensors", include_bytes!("../../tests/fixtures/models/llama-gqa/model.safetensors")),
+    (
+        "config.json",
+        include_bytes!("../../tests/fixtures/models/llama-gqa/config.json"),
+    ),
+    (
+        "model.safetensors",
+        include_bytes!("../../tests/fixtures/models/llama-gqa/model.safetensors"),
+    ),
     (
         "reference.safetensors",
         include_bytes!("../../tests/fixtures/models/llama-gqa/reference.safetensors"),
     ),
 ];
 
-fn reference(dir: &Path) -> Result<Option<(Vec<i32>, Vec<usize>, Vec<f32>)>> {
+/// Token ids, their `[batch, seq]` shape and transformers' logits, as
+/// recorded next to a fixture.
+struct Reference {
+    ids: Vec<i32>,
+    shape: Vec<usize>,
+    logits: Vec<f32>,
+}
+
+fn reference(dir: &Path) -> Result<Option<Reference>> {
     let path = dir.join("reference.safetensors");
     if !path.is_file() {
         return Ok(None);
     }
     let tensors = mlx_rs::Array::load_safetensors(&path)
         .with_context(|| format!("reading {}", path.display()))?;
-    let ids = tensors.get("input_ids").context("reference has no input_ids")?;
+    let ids = tensors
+        .get("input_ids")
+        .context("reference has no input_ids")?;
     let logits = tensors.get("logits").context("reference has no logits")?;
     let ids = ids.as_dtype(mlx_rs::Dtype::Int32)?;
-    Ok(Some((
-        ids.as_slice::<i32>().to_vec(),
-        ids.shape().iter().map(|&d| d as usize).collect(),
-        logits.as_slice::<f32>().to_vec(),
-    )))
+    Ok(Some(Reference {
+        ids: ids.as_slice::<i32>().to_vec(),
+        shape: ids.shape().iter().map(|&d| d as usize).collect(),
+        logits: logits.as_slice::<f32>().to_vec(),
+    }))
 }
 
 /// `zoo demo`.
@@ -214,23 +276,38 @@ pub fn demo(model: Option<&Path>) -> Result<()> {
         None => {
             scratch = tempfile_dir()?;
             for (name, data) in DEMO_FILES {
-                std::fs::write(scratch.join(name), data)
-                    .with_context(|| format!("writing the bundled model to {}", scratch.display()))?;
+                std::fs::write(scratch.join(name), data).with_context(|| {
+                    format!("writing the bundled model to {}", scratch.display())
+                })?;
             }
-            println!("bundled tiny LLaMA (2 layers, GQA 4/2 heads, vocab 128) unpacked to {}", scratch.display());
+            println!(
+                "bundled tiny LLaMA (2 layers, GQA 4/2 heads, vocab 128) unpacked to {}",
+                scratch.display()
+            );
             scratch.clone()
         }
     };
     let info = mlx_zoo::runtime::runtime_info();
-    println!("MLX {} on {} with {}\n", info.mlx_version, info.device, info.blas.name);
+    println!(
+        "MLX {} on {} with {}\n",
+        info.mlx_version, info.device, info.blas.name
+    );
     inspect(&dir, false)?;
 
     let started = std::time::Instant::now();
     let mut loaded = loader::load(&registry()?, &dir, &LoadOptions::default())
         .with_context(|| format!("loading {}", dir.display()))?;
-    println!("\nloaded in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "\nloaded in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
 
-    if let Some((ids, shape, expected)) = reference(&dir)? {
+    if let Some(Reference {
+        ids,
+        shape,
+        logits: expected,
+    }) = reference(&dir)?
+    {
         let input = Array::from_slice(&ids, &[shape[0] as i32, shape[1] as i32]);
         let logits = loaded.model.forward(&input, None)?;
         let diff = logits

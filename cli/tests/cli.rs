@@ -34,7 +34,8 @@ fn archs_listing() {
 
 #[test]
 fn archs_json_listing() {
-    let json: serde_json::Value = serde_json::from_str(&stdout(&zoo(&["archs", "--json"]))).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&zoo(&["archs", "--json"]))).unwrap();
     insta::assert_yaml_snapshot!(json);
 }
 
@@ -48,8 +49,14 @@ fn info_names_the_blas() {
 #[test]
 fn inspect_explains_the_choice() {
     let out = stdout(&zoo(&["inspect", fixture("llama-meta").to_str().unwrap()]));
-    assert!(out.contains("architecture  llama (model_type \"llama\" (priority 100))"), "{out}");
-    assert!(out.contains("rotary interleaved -> halves (4 heads)"), "{out}");
+    assert!(
+        out.contains("architecture  llama (model_type \"llama\" (priority 100))"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rotary interleaved -> halves (4 heads)"),
+        "{out}"
+    );
     assert!(out.contains("0 missing, 0 unexpected"), "{out}");
 }
 
@@ -67,9 +74,17 @@ fn read_npy_f32(path: &Path) -> (String, Vec<f32>) {
 
 #[test]
 fn logits_match_transformers() {
-    let reference = mlx_rs::Array::load_safetensors(fixture("llama-gqa").join("reference.safetensors")).unwrap();
-    let ids = reference["input_ids"].as_dtype(mlx_rs::Dtype::Int32).unwrap();
-    let rows: Vec<Vec<i32>> = ids.as_slice::<i32>().chunks(ids.shape()[1] as usize).map(<[i32]>::to_vec).collect();
+    let reference =
+        mlx_rs::Array::load_safetensors(fixture("llama-gqa").join("reference.safetensors"))
+            .unwrap();
+    let ids = reference["input_ids"]
+        .as_dtype(mlx_rs::Dtype::Int32)
+        .unwrap();
+    let rows: Vec<Vec<i32>> = ids
+        .as_slice::<i32>()
+        .chunks(ids.shape()[1] as usize)
+        .map(<[i32]>::to_vec)
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("ids.json");
     std::fs::write(&tokens, serde_json::to_string(&rows).unwrap()).unwrap();
@@ -86,7 +101,11 @@ fn logits_match_transformers() {
     let (header, data) = read_npy_f32(&out);
     assert!(header.contains("'shape': (2, 12, 128)"), "{header}");
     let expected = reference["logits"].as_slice::<f32>();
-    let diff = data.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let diff = data
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(diff < 1e-4, "max abs diff {diff}");
 }
 
@@ -106,9 +125,16 @@ fn ragged_tokens_are_refused_without_writing_output() {
     ]);
     assert!(!result.status.success());
     let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(stderr.contains("sequence 1 has 2 ids but sequence 0 has 3"), "{stderr}");
+    assert!(
+        stderr.contains("sequence 1 has 2 ids but sequence 0 has 3"),
+        "{stderr}"
+    );
     assert!(!out.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temporary file left"
+    );
 }
 
 #[test]

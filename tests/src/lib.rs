@@ -82,7 +82,11 @@ pub fn assert_parity(case: &str) -> f32 {
         .model
         .forward(&reference.input_ids, None)
         .unwrap_or_else(|e| panic!("{case}: forward: {e}"));
-    assert_eq!(logits.shape(), reference.shape.as_slice(), "{case}: logits shape");
+    assert_eq!(
+        logits.shape(),
+        reference.shape.as_slice(),
+        "{case}: logits shape"
+    );
     let diff = max_abs_diff(logits.as_slice::<f32>(), &reference.logits);
     assert!(
         diff < TOLERANCE,

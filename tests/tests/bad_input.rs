@@ -68,17 +68,26 @@ fn missing_tensor_is_named() {
         t.remove("model.layers.1.mlp.up_proj.weight");
     });
     let err = load_error(&dir);
-    assert!(err.contains("missing from the checkpoint: model.layers.1.mlp.up_proj.weight"), "{err}");
+    assert!(
+        err.contains("missing from the checkpoint: model.layers.1.mlp.up_proj.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
     let (_tmp, dir) = copy_fixture("llama-gqa");
     rewrite(&dir.join("model.safetensors"), |t| {
-        t.insert("model.vision_tower.weight".into(), (Dtype::F32, vec![2], vec![0; 8]));
+        t.insert(
+            "model.vision_tower.weight".into(),
+            (Dtype::F32, vec![2], vec![0; 8]),
+        );
     });
     let err = load_error(&dir);
-    assert!(err.contains("unexpected in the checkpoint: model.vision_tower.weight"), "{err}");
+    assert!(
+        err.contains("unexpected in the checkpoint: model.vision_tower.weight"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -92,7 +101,8 @@ fn wrong_shape_names_tensor_and_both_shapes() {
     });
     let err = load_error(&dir);
     assert!(
-        err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("expected [32, 64], found [16, 64]"),
+        err.contains("model.layers.0.self_attn.k_proj.weight")
+            && err.contains("expected [32, 64], found [16, 64]"),
         "{err}"
     );
 }
@@ -119,13 +129,20 @@ fn truncated_safetensors_names_the_file() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_error(&dir);
-    assert!(err.contains("model.safetensors: not a valid safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors: not a valid safetensors file"),
+        "{err}"
+    );
 }
 
 #[test]
 fn garbage_header_names_the_file() {
     let (_tmp, dir) = copy_fixture("llama-gqa");
-    std::fs::write(dir.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......").unwrap();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......",
+    )
+    .unwrap();
     let err = load_error(&dir);
     assert!(err.contains("not a valid safetensors file"), "{err}");
 }
@@ -156,7 +173,10 @@ fn index_missing_a_tensor_its_shard_holds_is_an_error() {
         .remove("model.norm.weight");
     std::fs::write(&index_path, index.to_string()).unwrap();
     let err = load_error(&dir);
-    assert!(err.contains("does not list tensor model.norm.weight"), "{err}");
+    assert!(
+        err.contains("does not list tensor model.norm.weight"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -172,7 +192,10 @@ fn config_value_of_the_wrong_type_names_the_key() {
     let (_tmp, dir) = copy_fixture("llama-gqa");
     let config = std::fs::read_to_string(dir.join("config.json"))
         .unwrap()
-        .replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": \"two\"");
+        .replace(
+            "\"num_key_value_heads\": 2",
+            "\"num_key_value_heads\": \"two\"",
+        );
     std::fs::write(dir.join("config.json"), config).unwrap();
     let err = load_error(&dir);
     assert!(err.contains("key `num_key_value_heads`"), "{err}");
@@ -186,7 +209,10 @@ fn inconsistent_heads_name_the_key() {
         .replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3");
     std::fs::write(dir.join("config.json"), config).unwrap();
     let err = load_error(&dir);
-    assert!(err.contains("num_key_value_heads") && err.contains("does not divide"), "{err}");
+    assert!(
+        err.contains("num_key_value_heads") && err.contains("does not divide"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -197,13 +223,20 @@ fn unsupported_rope_type_names_the_key() {
         .replace("\"rope_type\": \"default\"", "\"rope_type\": \"wobbly\"");
     std::fs::write(dir.join("config.json"), config).unwrap();
     let err = load_error(&dir);
-    assert!(err.contains("rope_scaling") && err.contains("wobbly"), "{err}");
+    assert!(
+        err.contains("rope_scaling") && err.contains("wobbly"),
+        "{err}"
+    );
 }
 
 #[test]
 fn directory_without_weights_says_what_it_expected() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture("llama-gqa").join("config.json"), tmp.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("llama-gqa").join("config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
     let err = load_error(tmp.path());
     assert!(err.contains("no weights found"), "{err}");
 }
@@ -213,9 +246,15 @@ fn unsupported_dtype_names_the_tensor() {
     let (_tmp, dir) = copy_fixture("llama-gqa");
     rewrite(&dir.join("model.safetensors"), |t| {
         let (_, shape, bytes) = t.remove("model.norm.weight").unwrap();
-        let ints = bytes.chunks_exact(4).flat_map(|_| 1i32.to_le_bytes()).collect();
+        let ints = bytes
+            .chunks_exact(4)
+            .flat_map(|_| 1i32.to_le_bytes())
+            .collect();
         t.insert("model.norm.weight".into(), (Dtype::I32, shape, ints));
     });
     let err = load_error(&dir);
-    assert!(err.contains("tensor `model.norm.weight` has dtype I32"), "{err}");
+    assert!(
+        err.contains("tensor `model.norm.weight` has dtype I32"),
+        "{err}"
+    );
 }

@@ -65,7 +65,10 @@ fn assert_export_round_trips(case: &str) {
         "{case}: exported names"
     );
     for (name, bytes) in &original {
-        assert!(exported[name] == *bytes, "{case}: {name} differs after export");
+        assert!(
+            exported[name] == *bytes,
+            "{case}: {name} differs after export"
+        );
     }
 }
 

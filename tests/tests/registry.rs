@@ -10,7 +10,11 @@ use std::collections::BTreeMap;
 #[test]
 fn builtin_llama_is_registered_through_inventory() {
     let registry = mlx_zoo::registry().unwrap();
-    let names: Vec<String> = registry.architectures().into_iter().map(|a| a.name).collect();
+    let names: Vec<String> = registry
+        .architectures()
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
     assert!(names.contains(&"llama".to_string()), "{names:?}");
 }
 
@@ -55,7 +59,11 @@ impl Architecture for Impostor {
     fn hf_architectures(&self) -> &'static [&'static str] {
         &[]
     }
-    fn weight_mapper(&self, _: &ToyConfig, _: &BTreeMap<String, TensorMeta>) -> Box<dyn WeightMapper> {
+    fn weight_mapper(
+        &self,
+        _: &ToyConfig,
+        _: &BTreeMap<String, TensorMeta>,
+    ) -> Box<dyn WeightMapper> {
         Box::new(MappingTable::new())
     }
     fn build(&self, _: &ToyConfig) -> Result<Box<dyn CausalLm>> {
@@ -64,8 +72,10 @@ impl Architecture for Impostor {
 }
 
 fn llama_config() -> HfConfig {
-    HfConfig::from_value(serde_json::json!({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-        .unwrap()
+    HfConfig::from_value(
+        serde_json::json!({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -104,7 +114,10 @@ fn architectures_class_name_is_the_fallback() {
         .iter()
         .find(|c| c.name == "llama")
         .unwrap();
-    assert!(matches!(llama.detection, Detection::Match { priority: 50, .. }));
+    assert!(matches!(
+        llama.detection,
+        Detection::Match { priority: 50, .. }
+    ));
 }
 
 #[test]
@@ -112,6 +125,9 @@ fn no_match_lists_what_is_registered() {
     let registry = mlx_zoo::registry().unwrap();
     let config = HfConfig::from_value(serde_json::json!({"model_type": "bert"})).unwrap();
     let err = registry.resolve(&config).err().unwrap().to_string();
-    assert!(err.contains("no registered architecture accepts model_type `bert`"), "{err}");
+    assert!(
+        err.contains("no registered architecture accepts model_type `bert`"),
+        "{err}"
+    );
     assert!(err.contains("registered: llama"), "{err}");
 }

@@ -76,7 +76,10 @@ pub fn hf_table(config: &LlamaConfig) -> MappingTable {
 /// Meta's consolidated layout (`layers.N.attention.wq.weight`, ...).
 pub fn meta_table(config: &LlamaConfig) -> MappingTable {
     let layer = |meta: &str, hf: &str| {
-        Rule::rename(&format!("layers.{{L}}.{meta}"), &format!("model.layers.{{L}}.{hf}"))
+        Rule::rename(
+            &format!("layers.{{L}}.{meta}"),
+            &format!("model.layers.{{L}}.{hf}"),
+        )
     };
     let mut rules = vec![
         Rule::drop("rope.freqs", "recomputed from the config"),

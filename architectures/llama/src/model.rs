@@ -4,15 +4,15 @@
 //! Hugging Face's, so the Hugging Face mapping is the identity.
 
 use crate::LlamaConfig;
+use mlx_rs::macros::ModuleParameters;
+use mlx_rs::module::Module;
+use mlx_rs::Array;
 use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::nn::{
     embedding, linear, rms_norm, Attention, AttentionConfig, AttentionMask, Embedding, Linear,
     RmsNorm, Rope, SwiGlu,
 };
 use mlx_zoo_core::{CausalLm, KvCache, ModelConfig, ModelDims, Result};
-use mlx_rs::macros::ModuleParameters;
-use mlx_rs::module::Module;
-use mlx_rs::Array;
 
 /// One decoder block.
 #[derive(Debug, ModuleParameters)]
@@ -118,9 +118,9 @@ impl CausalLm for Llama {
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
             let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
             let normed = layer.input_layernorm.forward(&h).context(ctx)?;
-            h = h + layer.self_attn.forward(&normed, &mask, layer_cache)?;
+            h += layer.self_attn.forward(&normed, &mask, layer_cache)?;
             let normed = layer.post_attention_layernorm.forward(&h).context(ctx)?;
-            h = h + layer.mlp.forward(&normed)?;
+            h += layer.mlp.forward(&normed)?;
         }
         let h = self.model.norm.forward(&h).context(ctx)?;
         match &mut self.lm_head {

@@ -34,7 +34,12 @@ pub trait Adapter: Send + Sync {
     fn description(&self) -> &'static str;
     /// The parameters added to a linear layer of `input` -> `output`
     /// features, with their shapes and initial values.
-    fn init(&self, input: usize, output: usize, settings: &AdapterSettings) -> Result<AdapterParams>;
+    fn init(
+        &self,
+        input: usize,
+        output: usize,
+        settings: &AdapterSettings,
+    ) -> Result<AdapterParams>;
     /// The adapted output, given the layer input `x`, the base layer's output
     /// and its (de-quantized) weight.
     fn forward(
@@ -46,5 +51,10 @@ pub trait Adapter: Send + Sync {
         settings: &AdapterSettings,
     ) -> Result<Array>;
     /// The base weight with the adapter merged in.
-    fn merge(&self, base_weight: &Array, params: &AdapterParams, settings: &AdapterSettings) -> Result<Array>;
+    fn merge(
+        &self,
+        base_weight: &Array,
+        params: &AdapterParams,
+        settings: &AdapterSettings,
+    ) -> Result<Array>;
 }

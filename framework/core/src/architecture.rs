@@ -72,7 +72,9 @@ pub fn detect_by_names(
 }
 
 /// A family's typed configuration.
-pub trait ModelConfig: Serialize + DeserializeOwned + std::fmt::Debug + Clone + Send + Sync + 'static {
+pub trait ModelConfig:
+    Serialize + DeserializeOwned + std::fmt::Debug + Clone + Send + Sync + 'static
+{
     /// Checks values serde cannot (divisibility, ranges), naming the key.
     fn validate(&self) -> Result<()>;
     /// The model's dimensions.
@@ -145,6 +147,12 @@ pub struct ArchitectureInfo {
     pub never_quantize: Vec<String>,
 }
 
+/// Produces the weight mapper for a checkpoint's tensors.
+type MapperFactory =
+    Box<dyn Fn(&BTreeMap<String, TensorMeta>) -> Box<dyn WeightMapper> + Send + Sync>;
+/// Builds the model.
+type ModelFactory = Box<dyn Fn() -> Result<Box<dyn CausalLm>> + Send + Sync>;
+
 /// A config resolved by one architecture: the typed config (as JSON, with
 /// every default filled in), dimensions, and how to map and build.
 pub struct Prepared {
@@ -152,8 +160,8 @@ pub struct Prepared {
     pub config: serde_json::Value,
     /// The model's dimensions.
     pub dims: ModelDims,
-    mapper: Box<dyn Fn(&BTreeMap<String, TensorMeta>) -> Box<dyn WeightMapper> + Send + Sync>,
-    builder: Box<dyn Fn() -> Result<Box<dyn CausalLm>> + Send + Sync>,
+    mapper: MapperFactory,
+    builder: ModelFactory,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -167,7 +175,10 @@ impl std::fmt::Debug for Prepared {
 
 impl Prepared {
     /// The weight mapper for a checkpoint with these tensors.
-    pub fn weight_mapper(&self, checkpoint: &BTreeMap<String, TensorMeta>) -> Box<dyn WeightMapper> {
+    pub fn weight_mapper(
+        &self,
+        checkpoint: &BTreeMap<String, TensorMeta>,
+    ) -> Box<dyn WeightMapper> {
         (self.mapper)(checkpoint)
     }
 
@@ -214,7 +225,10 @@ impl<A: Architecture + Clone> DynArchitecture for A {
     fn prepare(&self, config: &HfConfig) -> Result<Prepared> {
         let typed = self.parse_config(config)?;
         let json = serde_json::to_value(&typed).map_err(|e| {
-            crate::error::Error::config("<root>", format!("cannot re-serialize the parsed config: {e}"))
+            crate::error::Error::config(
+                "<root>",
+                format!("cannot re-serialize the parsed config: {e}"),
+            )
         })?;
         let dims = typed.dims();
         let (for_mapper, for_builder) = (typed.clone(), typed);

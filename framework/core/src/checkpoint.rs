@@ -97,10 +97,11 @@ impl Checkpoint {
             path: index.to_path_buf(),
             source,
         })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: index.to_path_buf(),
-            source,
-        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: index.to_path_buf(),
+                source,
+            })?;
         let bad = |message: String| Error::ShardIndex {
             path: index.to_path_buf(),
             message,
@@ -108,14 +109,18 @@ impl Checkpoint {
         let weight_map = json
             .get("weight_map")
             .and_then(|w| w.as_object())
-            .ok_or_else(|| bad("expected an object `weight_map` of tensor name -> shard file".into()))?;
+            .ok_or_else(|| {
+                bad("expected an object `weight_map` of tensor name -> shard file".into())
+            })?;
         let mut wanted: BTreeMap<String, String> = BTreeMap::new();
         for (tensor, shard) in weight_map {
             let shard = shard
                 .as_str()
                 .ok_or_else(|| bad(format!("weight_map[{tensor:?}] is not a file name")))?;
             if shard.contains('/') || shard.contains("..") {
-                return Err(bad(format!("weight_map[{tensor:?}] = {shard:?} is not a plain file name")));
+                return Err(bad(format!(
+                    "weight_map[{tensor:?}] = {shard:?} is not a plain file name"
+                )));
             }
             wanted.insert(tensor.clone(), shard.to_owned());
         }
@@ -138,7 +143,9 @@ impl Checkpoint {
         for (tensor, shard) in &wanted {
             match checkpoint.tensors.get(tensor) {
                 None => {
-                    return Err(bad(format!("lists tensor {tensor} in {shard}, which does not contain it")))
+                    return Err(bad(format!(
+                        "lists tensor {tensor} in {shard}, which does not contain it"
+                    )))
                 }
                 Some(location) => {
                     let actual = &checkpoint.shards[location.shard].path;
@@ -176,7 +183,8 @@ impl Checkpoint {
             path: path.to_path_buf(),
             message,
         };
-        let parsed = safetensors::SafeTensors::deserialize(&map).map_err(|e| invalid(e.to_string()))?;
+        let parsed =
+            safetensors::SafeTensors::deserialize(&map).map_err(|e| invalid(e.to_string()))?;
         let shard = self.shards.len();
         let base = map.as_ptr() as usize;
         for (name, view) in parsed.tensors() {
@@ -220,9 +228,10 @@ impl Checkpoint {
 
     /// Loads `name` into MLX, cast to `dtype`.
     pub fn load(&self, name: &str, dtype: Dtype) -> Result<Array> {
-        let location = self.tensors.get(name).ok_or_else(|| {
-            Error::Mapping(format!("tensor {name} is not in the checkpoint"))
-        })?;
+        let location = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::Mapping(format!("tensor {name} is not in the checkpoint")))?;
         let shard = &self.shards[location.shard];
         let source_dtype = match location.meta.dtype.as_str() {
             "F32" => Dtype::Float32,

@@ -189,7 +189,9 @@ mod tests {
     #[test]
     fn non_object_config_is_rejected() {
         let err = HfConfig::from_value(json!([1, 2])).unwrap_err();
-        assert!(err.to_string().contains("expected a JSON object, found an array"));
+        assert!(err
+            .to_string()
+            .contains("expected a JSON object, found an array"));
     }
 
     #[test]

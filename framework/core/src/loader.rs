@@ -170,7 +170,10 @@ pub fn inspect(registry: &Registry, dir: &Path) -> Result<Inspection> {
     let model = opened.prepared.build()?;
     let expected = expected_shapes(model.as_ref());
     let tensors = opened.checkpoint.tensors();
-    let plan = opened.prepared.weight_mapper(&tensors).plan(&tensors, &expected);
+    let plan = opened
+        .prepared
+        .weight_mapper(&tensors)
+        .plan(&tensors, &expected);
     Ok(Inspection {
         dir: opened.dir,
         architecture: opened.architecture,
@@ -209,13 +212,18 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
     if options.allow_unclean {
         // Keep placeholders where the checkpoint's tensor has the wrong shape.
         params.retain(|name, value| {
-            expected
-                .get(name)
-                .is_some_and(|shape| value.shape().iter().map(|&d| d as i64).eq(shape.iter().copied()))
+            expected.get(name).is_some_and(|shape| {
+                value
+                    .shape()
+                    .iter()
+                    .map(|&d| d as i64)
+                    .eq(shape.iter().copied())
+            })
         });
     }
     let values: Vec<Array> = params.values().cloned().collect();
-    mlx_rs::transforms::eval(&values).context(|| format!("loading the weights of {}", dir.display()))?;
+    mlx_rs::transforms::eval(&values)
+        .context(|| format!("loading the weights of {}", dir.display()))?;
     let flattened = params
         .into_iter()
         .map(|(k, v)| (std::rc::Rc::<str>::from(k), v))
@@ -226,7 +234,12 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
         let mut cast = Vec::new();
         for (name, value) in model.parameters().flatten() {
             if value.dtype() != dtype {
-                cast.push((name.clone(), value.as_dtype(dtype).context(|| format!("casting {name}"))?));
+                cast.push((
+                    name.clone(),
+                    value
+                        .as_dtype(dtype)
+                        .context(|| format!("casting {name}"))?,
+                ));
             }
         }
         model.update_flattened(cast.into_iter().collect());

@@ -140,13 +140,20 @@ impl std::fmt::Debug for Registry {
         f.debug_struct("Registry")
             .field(
                 "architectures",
-                &self.architectures.iter().map(|a| a.name()).collect::<Vec<_>>(),
+                &self
+                    .architectures
+                    .iter()
+                    .map(|a| a.name())
+                    .collect::<Vec<_>>(),
             )
             .field(
                 "quantizers",
                 &self.quantizers.iter().map(|q| q.name()).collect::<Vec<_>>(),
             )
-            .field("adapters", &self.adapters.iter().map(|a| a.name()).collect::<Vec<_>>())
+            .field(
+                "adapters",
+                &self.adapters.iter().map(|a| a.name()).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -216,7 +223,8 @@ impl<T: Adapter + ?Sized> Adapter for Static<T> {
         params: &crate::adapter::AdapterParams,
         settings: &crate::adapter::AdapterSettings,
     ) -> Result<mlx_rs::Array> {
-        self.0.forward(x, base_output, base_weight, params, settings)
+        self.0
+            .forward(x, base_output, base_weight, params, settings)
     }
     fn merge(
         &self,
@@ -261,10 +269,16 @@ impl Registry {
         let _ = self.insert_architecture(Arc::new(architecture), true);
     }
 
-    fn insert_architecture(&mut self, architecture: Arc<dyn DynArchitecture>, replace: bool) -> Result<()> {
+    fn insert_architecture(
+        &mut self,
+        architecture: Arc<dyn DynArchitecture>,
+        replace: bool,
+    ) -> Result<()> {
         let name = architecture.name();
         match self.architectures.iter().position(|a| a.name() == name) {
-            Some(_) if !replace => Err(Error::DuplicateArchitecture { name: name.to_owned() }),
+            Some(_) if !replace => Err(Error::DuplicateArchitecture {
+                name: name.to_owned(),
+            }),
             Some(i) => {
                 self.architectures[i] = architecture;
                 Ok(())
@@ -310,7 +324,10 @@ impl Registry {
 
     /// The architecture called `name`.
     pub fn architecture(&self, name: &str) -> Option<Arc<dyn DynArchitecture>> {
-        self.architectures.iter().find(|a| a.name() == name).cloned()
+        self.architectures
+            .iter()
+            .find(|a| a.name() == name)
+            .cloned()
     }
 
     /// Every quantizer, sorted by name.
@@ -392,9 +409,17 @@ impl Registry {
         };
         Error::UnknownArchitecture {
             model_type,
-            architectures: config.architectures().iter().map(|s| s.to_string()).collect(),
+            architectures: config
+                .architectures()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             closest,
-            known: self.architectures.iter().map(|a| a.name().to_owned()).collect(),
+            known: self
+                .architectures
+                .iter()
+                .map(|a| a.name().to_owned())
+                .collect(),
         }
     }
 }
@@ -445,7 +470,11 @@ mod tests {
 
     #[test]
     fn closest_names_prefers_small_distances_and_prefixes() {
-        let names = vec!["llama".to_string(), "mistral".to_string(), "phi".to_string()];
+        let names = vec![
+            "llama".to_string(),
+            "mistral".to_string(),
+            "phi".to_string(),
+        ];
         assert_eq!(closest_names("lama", &names), vec!["llama"]);
         assert_eq!(closest_names("llama4", &names), vec!["llama"]);
         assert!(closest_names("bert", &names).is_empty());

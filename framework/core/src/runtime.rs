@@ -97,7 +97,12 @@ pub fn mlx_version() -> String {
 /// Which BLAS is loaded into this process.
 pub fn blas() -> BlasInfo {
     let libraries = loaded_libraries();
-    let find = |needle: &str| libraries.iter().find(|l| l.to_lowercase().contains(needle)).cloned();
+    let find = |needle: &str| {
+        libraries
+            .iter()
+            .find(|l| l.to_lowercase().contains(needle))
+            .cloned()
+    };
     if let Some(lib) = find("openblas") {
         return BlasInfo {
             name: "OpenBLAS".into(),
@@ -159,7 +164,9 @@ fn loaded_libraries() -> Vec<String> {
             let names = &mut *(data as *mut Vec<String>);
             let name = (*info).dlpi_name;
             if !name.is_null() {
-                let name = std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned();
+                let name = std::ffi::CStr::from_ptr(name)
+                    .to_string_lossy()
+                    .into_owned();
                 if !name.is_empty() {
                     names.push(name);
                 }
@@ -170,7 +177,10 @@ fn loaded_libraries() -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     // Safety: the callback only touches `names`, which outlives the call.
     unsafe {
-        libc::dl_iterate_phdr(Some(collect), &mut names as *mut Vec<String> as *mut libc::c_void);
+        libc::dl_iterate_phdr(
+            Some(collect),
+            &mut names as *mut Vec<String> as *mut libc::c_void,
+        );
     }
     names
 }

@@ -67,10 +67,19 @@ fn run() -> Result<(), String> {
     } else {
         println!("cargo:rustc-link-lib=dylib=stdc++");
     }
-    println!("cargo:rustc-env=MLX_SYS_LIBMLX={}", staged.library.display());
+    println!(
+        "cargo:rustc-env=MLX_SYS_LIBMLX={}",
+        staged.library.display()
+    );
     println!("cargo:rustc-env=MLX_SYS_BLAS={}", staged.blas.label());
-    println!("cargo:rustc-env=MLX_SYS_MLX_VERSION={}", sources::MLX_VERSION);
-    println!("cargo:rustc-env=MLX_SYS_MLX_C_VERSION={}", sources::MLX_C_VERSION);
+    println!(
+        "cargo:rustc-env=MLX_SYS_MLX_VERSION={}",
+        sources::MLX_VERSION
+    );
+    println!(
+        "cargo:rustc-env=MLX_SYS_MLX_C_VERSION={}",
+        sources::MLX_C_VERSION
+    );
     // Read by direct dependents as DEP_MLX_*.
     println!("cargo:metadata=libdir={}", staged.dir.display());
     println!("cargo:metadata=include={}", mlx.include_dir.display());

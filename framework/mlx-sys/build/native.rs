@@ -27,7 +27,10 @@ pub fn build_mlx_c(
     native_dir: &Path,
 ) -> Result<BuiltMlxC, String> {
     let cxx = tools::cxx_compiler().ok_or("no C++ compiler")?;
-    let cxx_version = tools::run(Command::new(&cxx).arg("--version"), "querying the C++ compiler")?;
+    let cxx_version = tools::run(
+        Command::new(&cxx).arg("--version"),
+        "querying the C++ compiler",
+    )?;
     let compat = native_dir.join("zoo_compat.hpp");
     let compat_text = fs::read(&compat).map_err(|e| format!("{}: {e}", compat.display()))?;
     let mlx_c_text = fs::read(mlx_c.join("CMakeLists.txt"))
@@ -42,7 +45,10 @@ pub fn build_mlx_c(
     let entry = cache.get_or_fill(&format!("mlx-c-build-{key}"), |scratch| {
         compile(scratch, mlx_c, mlx, &cxx, &compat)
     })?;
-    Ok(BuiltMlxC { lib_dir: entry, key })
+    Ok(BuiltMlxC {
+        lib_dir: entry,
+        key,
+    })
 }
 
 fn compile(
@@ -75,14 +81,20 @@ fn compile(
         "configuring mlx-c with cmake",
     )?;
     tools::run(
-        Command::new("cmake")
-            .arg("--build")
-            .arg(&build)
-            .args(["--target", "mlxc", "--parallel", &jobs]),
+        Command::new("cmake").arg("--build").arg(&build).args([
+            "--target",
+            "mlxc",
+            "--parallel",
+            &jobs,
+        ]),
         "compiling mlx-c",
     )?;
-    let library = find_file(&build, "libmlxc.a")
-        .ok_or_else(|| format!("the mlx-c build left no libmlxc.a under {}", build.display()))?;
+    let library = find_file(&build, "libmlxc.a").ok_or_else(|| {
+        format!(
+            "the mlx-c build left no libmlxc.a under {}",
+            build.display()
+        )
+    })?;
     fs::copy(&library, scratch.join("libmlxc.a")).map_err(|e| e.to_string())?;
     fs::remove_dir_all(&build).map_err(|e| e.to_string())?;
     Ok(())

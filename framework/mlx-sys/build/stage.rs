@@ -134,7 +134,12 @@ fn patchelf(args: &[&std::ffi::OsStr], what: &str) -> Result<String, String> {
     tools::run(Command::new("patchelf").args(args), what)
 }
 
-fn patch_copy(original: &Path, scratch: &Path, final_path: &Path, blas: Blas) -> Result<(), String> {
+fn patch_copy(
+    original: &Path,
+    scratch: &Path,
+    final_path: &Path,
+    blas: Blas,
+) -> Result<(), String> {
     let copy = scratch.join("libmlx.so");
     fs::copy(original, &copy).map_err(|e| format!("cannot copy {}: {e}", original.display()))?;
     let copy_os = copy.as_os_str();

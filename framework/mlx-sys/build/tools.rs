@@ -128,7 +128,8 @@ fn libclang_present() -> bool {
             .map(|entries| {
                 entries.flatten().any(|e| {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    name.starts_with("libclang.so") || name == "libclang.dylib"
+                    name.starts_with("libclang.so")
+                        || name == "libclang.dylib"
                         || (name.starts_with("libclang-") && name.contains(".so"))
                 })
             })

@@ -123,7 +123,9 @@ mod tests {
     #[test]
     fn matches_and_fills_layer_indices() {
         let p = Pattern::new("model.layers.{L}.mlp.experts.{E}.w1.weight");
-        let c = p.matches("model.layers.12.mlp.experts.3.w1.weight").unwrap();
+        let c = p
+            .matches("model.layers.12.mlp.experts.3.w1.weight")
+            .unwrap();
         assert_eq!(c[&'L'], 12);
         assert_eq!(c[&'E'], 3);
         assert_eq!(p.fill(&c), "model.layers.12.mlp.experts.3.w1.weight");

@@ -31,9 +31,7 @@ impl Transform {
     /// Model layout back to checkpoint layout.
     pub fn invert(&self, tensor: &Array) -> Result<Array> {
         match self {
-            Transform::RotaryInterleavedToHalves { heads } => {
-                rotary_permute(tensor, *heads, false)
-            }
+            Transform::RotaryInterleavedToHalves { heads } => rotary_permute(tensor, *heads, false),
         }
     }
 

@@ -127,7 +127,9 @@ impl MappingPlan {
                 }
                 Op::Tie { parameter, source } => {
                     let tensor = out.get(source).cloned().ok_or_else(|| {
-                        Error::Mapping(format!("{parameter} is tied to {source}, which was not loaded"))
+                        Error::Mapping(format!(
+                            "{parameter} is tied to {source}, which was not loaded"
+                        ))
                     })?;
                     out.insert(parameter.clone(), tensor);
                 }
@@ -237,8 +239,7 @@ impl WeightMapper for MappingTable {
                             }
                             return;
                         }
-                        let sizes: Vec<String> =
-                            parts.iter().map(|(_, n)| n.to_string()).collect();
+                        let sizes: Vec<String> = parts.iter().map(|(_, n)| n.to_string()).collect();
                         report.transformed.push(Transformed {
                             from: vec![name.clone()],
                             to: parts.iter().map(|(p, _)| p.clone()).collect(),
@@ -285,7 +286,9 @@ impl WeightMapper for MappingTable {
                 let mut captures = from.matches(&first).unwrap_or_default();
                 for expert in absent {
                     captures.insert('E', expert);
-                    report.missing.push(format!("{target} (needs {})", from.fill(&captures)));
+                    report
+                        .missing
+                        .push(format!("{target} (needs {})", from.fill(&captures)));
                 }
                 continue;
             }
@@ -426,7 +429,9 @@ fn gather_parts(
         .map(|(part, _)| {
             let name = part.fill(captures);
             params.get(&name).cloned().ok_or_else(|| {
-                Error::Mapping(format!("cannot re-fuse {first}: part {name} is not among the parameters"))
+                Error::Mapping(format!(
+                    "cannot re-fuse {first}: part {name} is not among the parameters"
+                ))
             })
         })
         .collect()

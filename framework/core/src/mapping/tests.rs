@@ -12,11 +12,17 @@ fn meta(shape: &[i64]) -> TensorMeta {
 }
 
 fn names(pairs: &[(&str, &[i64])]) -> BTreeMap<String, TensorMeta> {
-    pairs.iter().map(|(n, s)| (n.to_string(), meta(s))).collect()
+    pairs
+        .iter()
+        .map(|(n, s)| (n.to_string(), meta(s)))
+        .collect()
 }
 
 fn shapes(pairs: &[(&str, &[i64])]) -> BTreeMap<String, Vec<i64>> {
-    pairs.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect()
+    pairs
+        .iter()
+        .map(|(n, s)| (n.to_string(), s.to_vec()))
+        .collect()
 }
 
 fn arange(shape: &[i32]) -> Array {
@@ -27,7 +33,10 @@ fn arange(shape: &[i32]) -> Array {
 #[test]
 fn rename_drop_missing_unexpected_and_shape_mismatch() {
     let table = MappingTable::from_rules(vec![
-        Rule::rename("layers.{L}.attention.wq.weight", "model.layers.{L}.q.weight"),
+        Rule::rename(
+            "layers.{L}.attention.wq.weight",
+            "model.layers.{L}.q.weight",
+        ),
         Rule::drop("layers.{L}.rotary.inv_freq", "recomputed"),
     ]);
     let plan = table.plan(
@@ -79,30 +88,40 @@ fn tie_fills_an_absent_parameter_only() {
 fn split_and_refuse_round_trip() {
     let table = MappingTable::from_rules(vec![Rule::split(
         "h.{L}.qkv.weight",
-        &[("l.{L}.q.weight", 4), ("l.{L}.k.weight", 2), ("l.{L}.v.weight", 2)],
+        &[
+            ("l.{L}.q.weight", 4),
+            ("l.{L}.k.weight", 2),
+            ("l.{L}.v.weight", 2),
+        ],
         0,
     )]);
     let plan = table.plan(
         &names(&[("h.0.qkv.weight", &[8, 3])]),
-        &shapes(&[("l.0.q.weight", &[4, 3]), ("l.0.k.weight", &[2, 3]), ("l.0.v.weight", &[2, 3])]),
+        &shapes(&[
+            ("l.0.q.weight", &[4, 3]),
+            ("l.0.k.weight", &[2, 3]),
+            ("l.0.v.weight", &[2, 3]),
+        ]),
     );
     assert!(plan.report.is_clean(), "{:?}", plan.report);
     assert_eq!(plan.report.transformed[0].op, "split(axis 0: 4, 2, 2)");
     let fused = arange(&[8, 3]);
     let params = plan.execute(|_| Ok(fused.clone())).unwrap();
-    assert_eq!(params["l.0.k.weight"].as_slice::<f32>(), &[12.0, 13.0, 14.0, 15.0, 16.0, 17.0]);
+    assert_eq!(
+        params["l.0.k.weight"].as_slice::<f32>(),
+        &[12.0, 13.0, 14.0, 15.0, 16.0, 17.0]
+    );
     let back = table.export(&params).unwrap();
     assert_eq!(back.len(), 1);
-    assert_eq!(back["h.0.qkv.weight"].as_slice::<f32>(), fused.as_slice::<f32>());
+    assert_eq!(
+        back["h.0.qkv.weight"].as_slice::<f32>(),
+        fused.as_slice::<f32>()
+    );
 }
 
 #[test]
 fn split_with_wrong_sizes_is_a_shape_mismatch() {
-    let table = MappingTable::from_rules(vec![Rule::split(
-        "qkv",
-        &[("q", 4), ("k", 4)],
-        0,
-    )]);
+    let table = MappingTable::from_rules(vec![Rule::split("qkv", &[("q", 4), ("k", 4)], 0)]);
     let plan = table.plan(
         &names(&[("qkv", &[6, 2])]),
         &shapes(&[("q", &[4, 2]), ("k", &[4, 2])]),
@@ -139,7 +158,11 @@ fn stack_experts_and_unstack() {
         &names(&[("l.0.experts.0.w1.weight", &[2, 2])]),
         &shapes(&[("l.0.switch.w1.weight", &[3, 2, 2])]),
     );
-    assert!(partial.report.missing.iter().any(|m| m.contains("experts.2")));
+    assert!(partial
+        .report
+        .missing
+        .iter()
+        .any(|m| m.contains("experts.2")));
 }
 
 #[test]
@@ -148,7 +171,10 @@ fn rotary_permutation_inverts() {
     let w = arange(&[8, 3]);
     let halves = t.apply(&w).unwrap();
     // Head 0 rows interleaved (0,1,2,3) -> halves (0,2,1,3).
-    assert_eq!(&halves.as_slice::<f32>()[..6], &[0.0, 1.0, 2.0, 6.0, 7.0, 8.0]);
+    assert_eq!(
+        &halves.as_slice::<f32>()[..6],
+        &[0.0, 1.0, 2.0, 6.0, 7.0, 8.0]
+    );
     let back = t.invert(&halves).unwrap();
     assert_eq!(back.as_slice::<f32>(), w.as_slice::<f32>());
     assert!(t.apply(&arange(&[6, 3])).is_err());

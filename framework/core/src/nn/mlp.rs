@@ -57,9 +57,16 @@ pub struct SwiGlu {
 
 impl SwiGlu {
     /// A gated MLP of `hidden` -> `intermediate` -> `hidden`.
-    pub fn new(hidden: usize, intermediate: usize, bias: bool, activation: Activation) -> Result<Self> {
+    pub fn new(
+        hidden: usize,
+        intermediate: usize,
+        bias: bool,
+        activation: Activation,
+    ) -> Result<Self> {
         if intermediate == 0 {
-            return Err(Error::InvalidArgument("intermediate_size must be positive".into()));
+            return Err(Error::InvalidArgument(
+                "intermediate_size must be positive".into(),
+            ));
         }
         Ok(Self {
             gate_proj: linear(hidden, intermediate, bias)?,
@@ -72,7 +79,9 @@ impl SwiGlu {
     /// Applies the block.
     pub fn forward(&mut self, x: &Array) -> Result<Array> {
         let ctx = || "computing the MLP".to_owned();
-        let gate = self.activation.apply(&self.gate_proj.forward(x).context(ctx)?)?;
+        let gate = self
+            .activation
+            .apply(&self.gate_proj.forward(x).context(ctx)?)?;
         let up = self.up_proj.forward(x).context(ctx)?;
         self.down_proj.forward(&(gate * up)).context(ctx)
     }

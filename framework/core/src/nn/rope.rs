@@ -127,7 +127,13 @@ impl Rope {
         let base = match self.dynamic {
             Some((factor, max_positions)) => {
                 let seq_len = offset as usize + x.shape()[2] as usize;
-                dynamic_ntk_base(self.base, factor, max_positions, seq_len, self.dims as usize)
+                dynamic_ntk_base(
+                    self.base,
+                    factor,
+                    max_positions,
+                    seq_len,
+                    self.dims as usize,
+                )
             }
             None => self.base,
         };
@@ -145,7 +151,13 @@ impl Rope {
 }
 
 /// transformers' dynamic NTK base for a sequence of `seq_len` positions.
-fn dynamic_ntk_base(base: f32, factor: f32, max_positions: usize, seq_len: usize, dims: usize) -> f32 {
+fn dynamic_ntk_base(
+    base: f32,
+    factor: f32,
+    max_positions: usize,
+    seq_len: usize,
+    dims: usize,
+) -> f32 {
     if seq_len <= max_positions {
         return base;
     }
@@ -191,7 +203,10 @@ mod tests {
         assert_eq!(dynamic_ntk_base(10000.0, 2.0, 32, 32, 16), 10000.0);
         let grown = dynamic_ntk_base(10000.0, 2.0, 32, 48, 16);
         let expected = 10000.0 * (2.0f64 * 48.0 / 32.0 - 1.0).powf(16.0 / 14.0);
-        assert!((grown as f64 - expected).abs() < 1e-2, "{grown} vs {expected}");
+        assert!(
+            (grown as f64 - expected).abs() < 1e-2,
+            "{grown} vs {expected}"
+        );
     }
 
     #[test]
