@@ -270,21 +270,26 @@ fn reference(dir: &Path) -> Result<Option<Reference>> {
 
 /// `zoo demo`.
 pub fn demo(model: Option<&Path>) -> Result<()> {
-    let scratch;
+    // The bundled model's directory is removed when the demo ends, however
+    // it ends.
+    let _scratch: tempfile::TempDir;
     let dir = match model {
         Some(dir) => dir.to_path_buf(),
         None => {
-            scratch = tempfile_dir()?;
+            _scratch = tempfile::Builder::new()
+                .prefix("zoo-demo-")
+                .tempdir()
+                .context("creating a temporary directory for the bundled model")?;
+            let dir = _scratch.path().to_path_buf();
             for (name, data) in DEMO_FILES {
-                std::fs::write(scratch.join(name), data).with_context(|| {
-                    format!("writing the bundled model to {}", scratch.display())
-                })?;
+                std::fs::write(dir.join(name), data)
+                    .with_context(|| format!("writing the bundled model to {}", dir.display()))?;
             }
             println!(
                 "bundled tiny LLaMA (2 layers, GQA 4/2 heads, vocab 128) unpacked to {}",
-                scratch.display()
+                dir.display()
             );
-            scratch.clone()
+            dir
         }
     };
     let info = mlx_zoo::runtime::runtime_info();
@@ -329,9 +334,6 @@ pub fn demo(model: Option<&Path>) -> Result<()> {
         let generated = greedy(loaded.model.as_mut(), &prompt, 8)?;
         println!("greedy continuation of {prompt:?}: {generated:?}");
     }
-    if model.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
     Ok(())
 }
 
@@ -349,10 +351,4 @@ fn greedy(model: &mut dyn mlx_zoo::CausalLm, prompt: &[i32], steps: usize) -> Re
         input = Array::from_slice(&[token], &[1, 1]);
     }
     Ok(out)
-}
-
-fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("zoo-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
 }
