@@ -3,6 +3,8 @@
 //! with the ones Hugging Face transformers recorded for the same input ids.
 //! Family crates' tests call [`assert_parity`] on their fixtures.
 
+#![warn(missing_docs)]
+
 use mlx_rs::Array;
 use mlx_zoo::loader::{self, LoadOptions, LoadedModel};
 use std::path::{Path, PathBuf};

@@ -10,6 +10,8 @@
 //! The crate registers [`LlamaArchitecture`] with the mlx-zoo registry; the
 //! core names nothing in it.
 
+#![warn(missing_docs)]
+
 mod config;
 mod mapping;
 mod model;

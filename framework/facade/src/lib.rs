@@ -3,9 +3,11 @@
 //! Plugins register themselves through `inventory`, but a crate that nothing
 //! references can be left out by the linker, taking its registration with
 //! it. This crate references each built-in plugin crate, so a binary that
-//! depends on `mlx-zoo` and calls [`registry`] sees them all. A binary that
+//! depends on `mlx-zoo` and calls [`registry()`] sees them all. A binary that
 //! adds a third-party plugin must reference it the same way
 //! (`use my_family_plugin as _;`).
+
+#![warn(missing_docs)]
 
 pub use mlx_zoo_core::*;
 
