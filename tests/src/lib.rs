@@ -97,3 +97,39 @@ pub fn assert_parity(case: &str) -> f32 {
     eprintln!("{case}: max abs diff against transformers {diff:e}");
     diff
 }
+
+/// A copy of fixture `case` in a new temporary directory (removed when the
+/// returned guard drops), for tests that break or alter a checkpoint.
+pub fn copy_fixture(case: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let dir = tmp.path().join(case);
+    std::fs::create_dir(&dir).expect("case directory");
+    for entry in std::fs::read_dir(fixture(case)).expect("fixture directory") {
+        let entry = entry.expect("fixture entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copying a fixture file");
+    }
+    (tmp, dir)
+}
+
+/// Tensors of a safetensors file: name -> (dtype, shape, raw bytes).
+pub type RawTensors = std::collections::BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Rewrites the safetensors file at `path` after `edit` changed its tensors.
+pub fn rewrite_safetensors(path: &Path, edit: impl FnOnce(&mut RawTensors)) {
+    let bytes = std::fs::read(path).expect("reading safetensors");
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).expect("parsing safetensors");
+    let mut tensors: RawTensors = parsed
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, (d, s, b))| {
+            let view = safetensors::tensor::TensorView::new(*d, s.clone(), b).expect("tensor view");
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).expect("writing safetensors");
+}

@@ -2,43 +2,9 @@
 //! never panic.
 
 use mlx_zoo::loader::{self, LoadOptions};
-use mlx_zoo_tests::fixture;
-use safetensors::tensor::TensorView;
+use mlx_zoo_tests::{copy_fixture, fixture, rewrite_safetensors as rewrite};
 use safetensors::Dtype;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use tempfile::TempDir;
-
-/// A copy of fixture `case` in a temporary directory.
-fn copy_fixture(case: &str) -> (TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join(case);
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture(case)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    (tmp, dir)
-}
-
-type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
-
-/// Rewrites `path` after `edit` changed its tensors.
-fn rewrite(path: &Path, edit: impl FnOnce(&mut Tensors)) {
-    let bytes = std::fs::read(path).unwrap();
-    let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Tensors = parsed
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
-    edit(&mut tensors);
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, (d, s, b))| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
+use std::path::Path;
 
 fn load_error(dir: &Path) -> String {
     let registry = mlx_zoo::registry().unwrap();

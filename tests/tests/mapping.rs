@@ -86,3 +86,35 @@ fn meta_layout_exports_bit_for_bit() {
 fn tied_checkpoint_exports_without_an_output_projection() {
     assert_export_round_trips("llama-tied");
 }
+
+#[test]
+fn untied_config_without_output_projection_ties_it_and_says_so() {
+    let (_tmp, dir) = mlx_zoo_tests::copy_fixture("llama-gqa");
+    mlx_zoo_tests::rewrite_safetensors(&dir.join("model.safetensors"), |t| {
+        t.remove("lm_head.weight");
+    });
+    let registry = mlx_zoo::registry().unwrap();
+    let loaded = loader::load(&registry, &dir, &Default::default()).unwrap();
+    assert_eq!(loaded.report.tied.len(), 1);
+    assert_eq!(loaded.report.tied[0].parameter, "lm_head.weight");
+    assert_eq!(loaded.report.tied[0].source, "model.embed_tokens.weight");
+}
+
+#[test]
+fn tied_config_drops_a_stored_output_projection_with_the_reason() {
+    let (_tmp, dir) = mlx_zoo_tests::copy_fixture("llama-gqa");
+    let config = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace(
+            "\"tie_word_embeddings\": false",
+            "\"tie_word_embeddings\": true",
+        );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let report = loader::inspect(&mlx_zoo::registry().unwrap(), &dir)
+        .unwrap()
+        .report;
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.dropped.len(), 1);
+    assert_eq!(report.dropped[0].tensor, "lm_head.weight");
+    assert!(report.dropped[0].reason.contains("tie_word_embeddings"));
+}
