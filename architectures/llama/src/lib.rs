@@ -17,7 +17,7 @@ mod mapping;
 mod model;
 
 pub use config::LlamaConfig;
-pub use model::Llama;
+pub use model::{decoder_config, Llama};
 
 use mlx_zoo_core::mapping::{TensorMeta, WeightMapper};
 use mlx_zoo_core::{Architecture, CausalLm, HfConfig, Result};
@@ -66,7 +66,7 @@ impl Architecture for LlamaArchitecture {
     }
 
     fn build(&self, config: &LlamaConfig) -> Result<Box<dyn CausalLm>> {
-        Ok(Box::new(Llama::new(config)?))
+        Ok(Box::new(Llama::new(&decoder_config(config)?)?))
     }
 
     fn default_adapter_targets(&self) -> &'static [&'static str] {

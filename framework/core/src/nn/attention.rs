@@ -2,7 +2,7 @@
 //! than query heads), rotary embeddings and an optional KV cache, on MLX's
 //! fused scaled-dot-product attention.
 
-use super::layers::linear;
+use super::layers::{layer_norm, linear, LayerNorm};
 use super::rope::Rope;
 use crate::cache::LayerKv;
 use crate::error::{Error, MlxContext, Result};
@@ -29,6 +29,9 @@ pub struct AttentionConfig {
     pub o_bias: bool,
     /// The rotary embedding applied to queries and keys.
     pub rope: Rope,
+    /// LayerNorm (with this epsilon) over each query and key head before the
+    /// rotary embedding (Phi's `qk_layernorm`).
+    pub qk_layernorm: Option<f32>,
 }
 
 /// Which positions a query may attend to.
@@ -38,7 +41,8 @@ pub enum AttentionMask {
     None,
     /// Keys at or before the query's position.
     Causal,
-    /// An additive mask broadcastable to `[batch, heads, queries, keys]`.
+    /// An explicit mask broadcastable to `[batch, heads, queries, keys]`:
+    /// boolean (true = may attend) or additive.
     Additive(Array),
 }
 
@@ -57,6 +61,12 @@ pub struct Attention {
     /// Output projection.
     #[param]
     pub o_proj: Linear,
+    /// Per-head query norm, when configured.
+    #[param]
+    pub q_layernorm: Option<LayerNorm>,
+    /// Per-head key norm, when configured.
+    #[param]
+    pub k_layernorm: Option<LayerNorm>,
     num_heads: i32,
     num_kv_heads: i32,
     head_dim: i32,
@@ -75,6 +85,7 @@ impl Attention {
             qkv_bias,
             o_bias,
             rope,
+            qk_layernorm,
         } = config;
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(Error::InvalidArgument(format!(
@@ -86,6 +97,12 @@ impl Attention {
             k_proj: linear(hidden_size, num_kv_heads * head_dim, qkv_bias)?,
             v_proj: linear(hidden_size, num_kv_heads * head_dim, qkv_bias)?,
             o_proj: linear(num_heads * head_dim, hidden_size, o_bias)?,
+            q_layernorm: qk_layernorm
+                .map(|eps| layer_norm(head_dim, eps))
+                .transpose()?,
+            k_layernorm: qk_layernorm
+                .map(|eps| layer_norm(head_dim, eps))
+                .transpose()?,
             num_heads: num_heads as i32,
             num_kv_heads: num_kv_heads as i32,
             head_dim: head_dim as i32,
@@ -112,6 +129,14 @@ impl Attention {
         let keys = heads(self.k_proj.forward(x).context(ctx)?, self.num_kv_heads).context(ctx)?;
         let values = heads(self.v_proj.forward(x).context(ctx)?, self.num_kv_heads).context(ctx)?;
 
+        let queries = match &mut self.q_layernorm {
+            Some(norm) => norm.forward(&queries).context(ctx)?,
+            None => queries,
+        };
+        let keys = match &mut self.k_layernorm {
+            Some(norm) => norm.forward(&keys).context(ctx)?,
+            None => keys,
+        };
         let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0);
         let queries = self.rope.apply(&queries, offset)?;
         let keys = self.rope.apply(&keys, offset)?;

@@ -4,11 +4,17 @@
 //! these and needs little more than its config and mapping table.
 
 mod attention;
+mod decoder;
 mod layers;
+mod mask;
 mod mlp;
+mod moe;
 mod rope;
 
 pub use attention::{Attention, AttentionConfig, AttentionMask};
+pub use decoder::{Decoder, DecoderBlock, DecoderConfig, DecoderStack, MoeConfig};
 pub use layers::{embedding, layer_norm, linear, rms_norm, Embedding, LayerNorm, Linear, RmsNorm};
+pub use mask::causal_mask;
 pub use mlp::{Activation, GeluMlp, SwiGlu};
+pub use moe::{SparseMoe, SwitchGlu};
 pub use rope::{Rope, RopeScaling};

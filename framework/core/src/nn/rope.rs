@@ -34,6 +34,37 @@ pub enum RopeScaling {
         /// The context length the model was trained with.
         original_max_position_embeddings: usize,
     },
+    /// Phi-3's LongRoPE ("su" in early configs): per-frequency divisors,
+    /// `short_factor` within the original context and `long_factor` past
+    /// it, with cos/sin scaled by an attention factor.
+    #[serde(alias = "su")]
+    Longrope {
+        /// Divisors of the inverse frequencies within the original context.
+        short_factor: Vec<f32>,
+        /// Divisors past the original context.
+        long_factor: Vec<f32>,
+        /// The original context; families fill it from the config's
+        /// top-level key when the scaling block lacks it.
+        #[serde(default)]
+        original_max_position_embeddings: Option<usize>,
+        /// Explicit scaling factor; defaults to
+        /// `max_position_embeddings / original_max_position_embeddings`.
+        #[serde(default)]
+        factor: Option<f32>,
+        /// Explicit cos/sin scale; defaults to
+        /// `sqrt(1 + ln(factor) / ln(original))` when `factor > 1`.
+        #[serde(default)]
+        attention_factor: Option<f32>,
+    },
+}
+
+/// LongRoPE's two period tables and when to switch.
+#[derive(Debug, Clone)]
+struct LongRope {
+    short: Array,
+    long: Array,
+    original: usize,
+    attention_factor: f32,
 }
 
 /// A configured rotary embedding.
@@ -48,6 +79,7 @@ pub struct Rope {
     freqs: Option<Array>,
     /// `(factor, max_position_embeddings)` for dynamic NTK.
     dynamic: Option<(f32, usize)>,
+    longrope: Option<LongRope>,
 }
 
 impl Rope {
@@ -70,6 +102,7 @@ impl Rope {
             traditional: false,
             freqs: None,
             dynamic: None,
+            longrope: None,
         };
         match scaling {
             None => {}
@@ -93,6 +126,48 @@ impl Rope {
                 );
                 rope.freqs = Some(Array::from_slice(&periods, &[periods.len() as i32]));
             }
+            Some(RopeScaling::Longrope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                factor,
+                attention_factor,
+            }) => {
+                let original = original_max_position_embeddings.unwrap_or(max_position_embeddings);
+                for (key, factors) in [("short_factor", short_factor), ("long_factor", long_factor)]
+                {
+                    if factors.len() != dims / 2 {
+                        return Err(Error::config(
+                            format!("rope_scaling.{key}"),
+                            format!(
+                                "has {} entries, expected {} (rotary dims / 2)",
+                                factors.len(),
+                                dims / 2
+                            ),
+                        ));
+                    }
+                }
+                let factor = factor.unwrap_or(max_position_embeddings as f32 / original as f32);
+                let attention_factor = attention_factor.unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / (original as f32).ln()).sqrt()
+                });
+                let table = |factors: &[f32]| {
+                    let periods: Vec<f32> = factors
+                        .iter()
+                        .enumerate()
+                        .map(|(i, f)| f * theta.powf((2 * i) as f32 / dims as f32))
+                        .collect();
+                    Array::from_slice(&periods, &[periods.len() as i32])
+                };
+                rope.longrope = Some(LongRope {
+                    short: table(short_factor),
+                    long: table(long_factor),
+                    original,
+                    attention_factor,
+                });
+            }
         }
         Ok(rope)
     }
@@ -112,6 +187,25 @@ impl Rope {
     /// position is `offset`.
     pub fn apply(&self, x: &Array, offset: i32) -> Result<Array> {
         let context = || "applying rotary embeddings".to_owned();
+        if let Some(long) = &self.longrope {
+            let seq_len = offset as usize + x.shape()[2] as usize;
+            let periods = if seq_len > long.original {
+                &long.long
+            } else {
+                &long.short
+            };
+            let rotated = mlx_rs::fast::rope(
+                x,
+                self.dims,
+                self.traditional,
+                None,
+                self.scale,
+                offset,
+                periods,
+            )
+            .context(context)?;
+            return scale_rotated(&rotated, self.dims, long.attention_factor);
+        }
         if let Some(freqs) = &self.freqs {
             return mlx_rs::fast::rope(
                 x,
@@ -148,6 +242,25 @@ impl Rope {
         )
         .context(context)
     }
+}
+
+/// Multiplies the first `dims` features (the rotated ones) by `factor`,
+/// which is what scaling cos and sin by it amounts to.
+fn scale_rotated(x: &Array, dims: i32, factor: f32) -> Result<Array> {
+    if factor == 1.0 {
+        return Ok(x.clone());
+    }
+    let context = || "scaling rotary features".to_owned();
+    let head_dim = x.shape()[x.ndim() - 1];
+    let factor = Array::from_f32(factor)
+        .as_dtype(x.dtype())
+        .context(context)?;
+    if dims == head_dim {
+        return x.multiply(&factor).context(context);
+    }
+    let parts = mlx_rs::ops::split_at_indices(x, &[dims], -1).context(context)?;
+    let scaled = parts[0].multiply(&factor).context(context)?;
+    mlx_rs::ops::concatenate(&[scaled, parts[1].clone()], -1).context(context)
 }
 
 /// transformers' dynamic NTK base for a sequence of `seq_len` positions.

@@ -1,0 +1,216 @@
+//! The pre-norm decoder most open LLMs share (LLaMA, Mistral, Mixtral,
+//! Qwen2, Phi-3, ...): token embeddings; blocks of
+//! `h += attn(norm(h)); h += mlp(norm(h))` with RMSNorm, grouped-query
+//! attention and either a SwiGLU MLP or a sparse mixture of experts; a final
+//! RMSNorm; and an output projection or the tied embedding matrix.
+//!
+//! Parameter paths follow Hugging Face's llama naming (`model.layers.N.
+//! self_attn.q_proj.weight`, `mlp.gate_proj`, or `block_sparse_moe.gate`
+//! and `block_sparse_moe.switch_mlp.*` for experts), so a family built on
+//! it maps Hugging Face checkpoints mostly by keeping names.
+
+use super::attention::{Attention, AttentionConfig};
+use super::layers::{embedding, linear, rms_norm, Embedding, Linear, RmsNorm};
+use super::mask::causal_mask;
+use super::mlp::{Activation, SwiGlu};
+use super::moe::SparseMoe;
+use super::rope::Rope;
+use crate::cache::KvCache;
+use crate::error::{Error, MlxContext, Result};
+use crate::model::{CausalLm, ModelDims};
+use mlx_rs::macros::ModuleParameters;
+use mlx_rs::module::Module;
+use mlx_rs::Array;
+
+/// Mixture-of-experts settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Number of experts.
+    pub experts: usize,
+    /// Experts run per token.
+    pub top_k: usize,
+    /// Renormalise the kept router scores to sum to one.
+    pub normalize_top_k: bool,
+}
+
+/// Everything a [`Decoder`] is built from.
+#[derive(Debug, Clone)]
+pub struct DecoderConfig {
+    /// Dimensions.
+    pub dims: ModelDims,
+    /// Rotary embedding (with its scaling and rotated dims).
+    pub rope: Rope,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// Bias on q/k/v.
+    pub qkv_bias: bool,
+    /// Bias on the attention output projection.
+    pub o_bias: bool,
+    /// Bias on the MLP projections.
+    pub mlp_bias: bool,
+    /// MLP activation.
+    pub activation: Activation,
+    /// Output projection shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Sliding attention window of each layer (`None`: full attention).
+    pub sliding_windows: Vec<Option<usize>>,
+    /// Experts instead of a dense MLP.
+    pub moe: Option<MoeConfig>,
+}
+
+/// One block.
+#[derive(Debug, ModuleParameters)]
+pub struct DecoderBlock {
+    /// Attention.
+    #[param]
+    pub self_attn: Attention,
+    /// Dense MLP (absent in expert blocks).
+    #[param]
+    pub mlp: Option<SwiGlu>,
+    /// Experts (absent in dense blocks).
+    #[param]
+    pub block_sparse_moe: Option<SparseMoe>,
+    /// Norm before attention.
+    #[param]
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP.
+    #[param]
+    pub post_attention_layernorm: RmsNorm,
+    window: Option<usize>,
+}
+
+/// The stack under `model.`.
+#[derive(Debug, ModuleParameters)]
+pub struct DecoderStack {
+    /// Token embeddings.
+    #[param]
+    pub embed_tokens: Embedding,
+    /// Blocks.
+    #[param]
+    pub layers: Vec<DecoderBlock>,
+    /// Final norm.
+    #[param]
+    pub norm: RmsNorm,
+}
+
+/// A pre-norm decoder language model.
+#[derive(Debug, ModuleParameters)]
+pub struct Decoder {
+    /// The stack.
+    #[param]
+    pub model: DecoderStack,
+    /// Output projection; `None` when tied to the embeddings.
+    #[param]
+    pub lm_head: Option<Linear>,
+    dims: ModelDims,
+}
+
+impl Decoder {
+    /// Builds the model with zero placeholders for weights.
+    pub fn new(config: &DecoderConfig) -> Result<Self> {
+        let dims = &config.dims;
+        if config.sliding_windows.len() != dims.num_layers {
+            return Err(Error::InvalidArgument(format!(
+                "{} sliding-window entries for {} layers",
+                config.sliding_windows.len(),
+                dims.num_layers
+            )));
+        }
+        let layers = config
+            .sliding_windows
+            .iter()
+            .map(|&window| {
+                let (mlp, moe) = match &config.moe {
+                    None => (
+                        Some(SwiGlu::new(
+                            dims.hidden_size,
+                            dims.intermediate_size,
+                            config.mlp_bias,
+                            config.activation,
+                        )?),
+                        None,
+                    ),
+                    Some(moe) => (
+                        None,
+                        Some(SparseMoe::new(
+                            moe.experts,
+                            moe.top_k,
+                            dims.hidden_size,
+                            dims.intermediate_size,
+                            config.activation,
+                            moe.normalize_top_k,
+                        )?),
+                    ),
+                };
+                Ok(DecoderBlock {
+                    self_attn: Attention::new(AttentionConfig {
+                        hidden_size: dims.hidden_size,
+                        num_heads: dims.num_heads,
+                        num_kv_heads: dims.num_kv_heads,
+                        head_dim: dims.head_dim,
+                        qkv_bias: config.qkv_bias,
+                        o_bias: config.o_bias,
+                        rope: config.rope.clone(),
+                        qk_layernorm: None,
+                    })?,
+                    mlp,
+                    block_sparse_moe: moe,
+                    input_layernorm: rms_norm(dims.hidden_size, config.rms_norm_eps)?,
+                    post_attention_layernorm: rms_norm(dims.hidden_size, config.rms_norm_eps)?,
+                    window,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            model: DecoderStack {
+                embed_tokens: embedding(dims.vocab_size, dims.hidden_size)?,
+                layers,
+                norm: rms_norm(dims.hidden_size, config.rms_norm_eps)?,
+            },
+            lm_head: if config.tie_word_embeddings {
+                None
+            } else {
+                Some(linear(dims.hidden_size, dims.vocab_size, false)?)
+            },
+            dims: dims.clone(),
+        })
+    }
+}
+
+impl CausalLm for Decoder {
+    fn forward(&mut self, tokens: &Array, mut cache: Option<&mut KvCache>) -> Result<Array> {
+        let ctx = || "running the decoder".to_owned();
+        let queries = tokens.shape()[1] as usize;
+        let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0) as usize;
+        let mut h = self.model.embed_tokens.forward(tokens).context(ctx)?;
+        let mut masks: Vec<(Option<usize>, super::attention::AttentionMask)> = Vec::new();
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let mask = match masks.iter().find(|(w, _)| *w == layer.window) {
+                Some((_, mask)) => mask.clone(),
+                None => {
+                    let mask = causal_mask(queries, offset, layer.window)?;
+                    masks.push((layer.window, mask.clone()));
+                    mask
+                }
+            };
+            let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
+            let normed = layer.input_layernorm.forward(&h).context(ctx)?;
+            h += layer.self_attn.forward(&normed, &mask, layer_cache)?;
+            let normed = layer.post_attention_layernorm.forward(&h).context(ctx)?;
+            h += match (&mut layer.mlp, &mut layer.block_sparse_moe) {
+                (Some(mlp), _) => mlp.forward(&normed)?,
+                (None, Some(moe)) => moe.forward(&normed)?,
+                (None, None) => unreachable!("a block has a dense MLP or experts"),
+            };
+        }
+        let h = self.model.norm.forward(&h).context(ctx)?;
+        match &mut self.lm_head {
+            Some(head) => head.forward(&h).context(ctx),
+            None => self.model.embed_tokens.as_linear(&h).context(ctx),
+        }
+    }
+
+    fn dims(&self) -> ModelDims {
+        self.dims.clone()
+    }
+}

@@ -1,0 +1,82 @@
+//! Attention masks for causal decoding, optionally limited to a sliding
+//! window: a query at position `i` sees keys `j` with `i - window < j <= i`
+//! (the `window` most recent positions, itself included), which is how
+//! transformers applies Mistral's `sliding_window`.
+
+use super::attention::AttentionMask;
+use crate::error::{MlxContext, Result};
+use mlx_rs::Array;
+
+/// The mask for `queries` new positions after `offset` cached ones.
+///
+/// Without a window this is the causal mask (none for a single query); with
+/// one, it is a boolean `[queries, offset + queries]` mask once any query
+/// could otherwise see past the window.
+pub fn causal_mask(queries: usize, offset: usize, window: Option<usize>) -> Result<AttentionMask> {
+    let keys = offset + queries;
+    match window {
+        Some(window) if keys > window => {
+            let mut allowed = Vec::with_capacity(queries * keys);
+            for q in 0..queries {
+                let position = offset + q;
+                for k in 0..keys {
+                    allowed.push(k <= position && k + window > position);
+                }
+            }
+            let mask = Array::from_slice(&allowed, &[queries as i32, keys as i32]);
+            mask.eval()
+                .context(|| "building the sliding-window mask".into())?;
+            Ok(AttentionMask::Additive(mask))
+        }
+        _ if queries > 1 => Ok(AttentionMask::Causal),
+        _ => Ok(AttentionMask::None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(mask: AttentionMask) -> Vec<bool> {
+        match mask {
+            AttentionMask::Additive(m) => m.as_slice::<bool>().to_vec(),
+            other => panic!("expected an explicit mask, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn window_limits_each_query_to_its_recent_keys() {
+        let mask = allowed(causal_mask(4, 0, Some(2)).unwrap());
+        #[rustfmt::skip]
+        let expected = [
+            true,  false, false, false,
+            true,  true,  false, false,
+            false, true,  true,  false,
+            false, false, true,  true,
+        ];
+        assert_eq!(mask, expected);
+    }
+
+    #[test]
+    fn window_applies_after_cached_positions() {
+        // One new query at position 5 with a window of 3 sees keys 3, 4, 5.
+        let mask = allowed(causal_mask(1, 5, Some(3)).unwrap());
+        assert_eq!(mask, [false, false, false, true, true, true]);
+    }
+
+    #[test]
+    fn short_sequences_need_no_explicit_mask() {
+        assert!(matches!(
+            causal_mask(3, 0, Some(8)).unwrap(),
+            AttentionMask::Causal
+        ));
+        assert!(matches!(
+            causal_mask(1, 2, Some(8)).unwrap(),
+            AttentionMask::None
+        ));
+        assert!(matches!(
+            causal_mask(3, 0, None).unwrap(),
+            AttentionMask::Causal
+        ));
+    }
+}

@@ -1,0 +1,165 @@
+//! Sparse mixture of experts (Mixtral style): a linear router scores the
+//! experts per token, the top-k are kept and their scores renormalised, and
+//! the token's output is the score-weighted sum of those experts' gated MLPs.
+//! Expert weights are stacked along a leading expert axis and applied with
+//! MLX's `gather_mm`, so only the chosen experts are computed.
+
+use super::layers::linear;
+use super::mlp::Activation;
+use crate::error::{Error, MlxContext, Result};
+use mlx_rs::macros::ModuleParameters;
+use mlx_rs::module::{Module, Param};
+use mlx_rs::nn::Linear;
+use mlx_rs::Array;
+
+/// A linear layer per expert: weight `[experts, output, input]`.
+#[derive(Debug, ModuleParameters)]
+pub struct SwitchLinear {
+    /// Stacked expert weights.
+    #[param]
+    pub weight: Param<Array>,
+}
+
+impl SwitchLinear {
+    fn new(experts: usize, input: usize, output: usize) -> Result<Self> {
+        let shape = [experts as i32, output as i32, input as i32];
+        Ok(Self {
+            weight: Param::new(
+                mlx_rs::ops::zeros::<f32>(&shape)
+                    .context(|| format!("allocating {shape:?} expert weights"))?,
+            ),
+        })
+    }
+
+    /// `x` is `[tokens, 1, 1, input]` (or `[tokens, k, 1, input]`),
+    /// `indices` `[tokens, k]`; the result is `[tokens, k, 1, output]`.
+    fn forward(&self, x: &Array, indices: &Array) -> Result<Array> {
+        let weight = self
+            .weight
+            .as_ref()
+            .swap_axes(-1, -2)
+            .context(|| "transposing expert weights".into())?;
+        mlx_rs::ops::gather_mm(x, &weight, None, indices, None)
+            .context(|| "applying the selected experts".into())
+    }
+}
+
+/// The experts' gated MLPs: `down(act(gate(x)) * up(x))` per expert.
+#[derive(Debug, ModuleParameters)]
+pub struct SwitchGlu {
+    /// Gate projections (Mixtral's `w1`).
+    #[param]
+    pub gate_proj: SwitchLinear,
+    /// Up projections (Mixtral's `w3`).
+    #[param]
+    pub up_proj: SwitchLinear,
+    /// Down projections (Mixtral's `w2`).
+    #[param]
+    pub down_proj: SwitchLinear,
+    activation: Activation,
+}
+
+impl SwitchGlu {
+    /// `experts` gated MLPs of `hidden` -> `intermediate` -> `hidden`.
+    pub fn new(
+        experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        activation: Activation,
+    ) -> Result<Self> {
+        Ok(Self {
+            gate_proj: SwitchLinear::new(experts, hidden, intermediate)?,
+            up_proj: SwitchLinear::new(experts, hidden, intermediate)?,
+            down_proj: SwitchLinear::new(experts, intermediate, hidden)?,
+            activation,
+        })
+    }
+
+    /// `x` is `[tokens, hidden]`, `indices` `[tokens, k]`; returns
+    /// `[tokens, k, hidden]`.
+    pub fn forward(&self, x: &Array, indices: &Array) -> Result<Array> {
+        let ctx = || "computing the experts".to_owned();
+        let (tokens, hidden) = (x.shape()[0], x.shape()[1]);
+        let x = x.reshape(&[tokens, 1, 1, hidden]).context(ctx)?;
+        let gate = self
+            .activation
+            .apply(&self.gate_proj.forward(&x, indices)?)?;
+        let up = self.up_proj.forward(&x, indices)?;
+        let out = self.down_proj.forward(&(gate * up), indices)?;
+        mlx_rs::ops::squeeze_axes(&out, &[-2]).context(ctx)
+    }
+}
+
+/// The routed block: router `gate` plus the experts in `switch_mlp`.
+#[derive(Debug, ModuleParameters)]
+pub struct SparseMoe {
+    /// The router: hidden -> one logit per expert.
+    #[param]
+    pub gate: Linear,
+    /// The experts.
+    #[param]
+    pub switch_mlp: SwitchGlu,
+    top_k: usize,
+    normalize_top_k: bool,
+}
+
+impl SparseMoe {
+    /// `experts` experts of which `top_k` run per token; `normalize_top_k`
+    /// rescales the kept scores to sum to one (Mixtral does).
+    pub fn new(
+        experts: usize,
+        top_k: usize,
+        hidden: usize,
+        intermediate: usize,
+        activation: Activation,
+        normalize_top_k: bool,
+    ) -> Result<Self> {
+        if top_k == 0 || top_k > experts {
+            return Err(Error::InvalidArgument(format!(
+                "num_experts_per_tok ({top_k}) must be between 1 and the number of experts ({experts})"
+            )));
+        }
+        Ok(Self {
+            gate: linear(hidden, experts, false)?,
+            switch_mlp: SwitchGlu::new(experts, hidden, intermediate, activation)?,
+            top_k,
+            normalize_top_k,
+        })
+    }
+
+    /// Applies the block to `x` of shape `[batch, seq, hidden]`.
+    pub fn forward(&mut self, x: &Array) -> Result<Array> {
+        let ctx = || "routing tokens to experts".to_owned();
+        let shape = x.shape().to_vec();
+        let hidden = shape[shape.len() - 1];
+        let flat = x.reshape(&[-1, hidden]).context(ctx)?;
+        let logits = self.gate.forward(&flat).context(ctx)?;
+        let probs = mlx_rs::ops::softmax_axis(
+            &logits.as_dtype(mlx_rs::Dtype::Float32).context(ctx)?,
+            -1,
+            None,
+        )
+        .context(ctx)?;
+        let k = self.top_k as i32;
+        let experts = probs.shape()[1];
+        let order = mlx_rs::ops::argpartition_axis(&probs.negative().context(ctx)?, k - 1, -1)
+            .context(ctx)?;
+        let indices = mlx_rs::ops::split_at_indices(&order, &[k], -1)
+            .context(ctx)?
+            .swap_remove(0);
+        debug_assert!(experts >= k);
+        let mut scores =
+            mlx_rs::ops::indexing::take_along_axis(&probs, &indices, -1).context(ctx)?;
+        if self.normalize_top_k {
+            let total = scores.sum_axis(-1, true).context(ctx)?;
+            scores = scores.divide(&total).context(ctx)?;
+        }
+        let outputs = self.switch_mlp.forward(&flat, &indices)?;
+        let scores = scores
+            .as_dtype(outputs.dtype())
+            .and_then(|s| s.expand_dims(-1))
+            .context(ctx)?;
+        let mixed = (outputs * scores).sum_axis(-2, false).context(ctx)?;
+        mixed.reshape(&shape).context(ctx)
+    }
+}
