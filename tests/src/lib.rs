@@ -133,3 +133,93 @@ pub fn rewrite_safetensors(path: &Path, edit: impl FnOnce(&mut RawTensors)) {
         .collect();
     safetensors::serialize_to_file(views, None, path).expect("writing safetensors");
 }
+
+/// Runs fixture `case` with a KV cache, `prefix` tokens at once and then one
+/// token at a time, and asserts the logits match transformers' one-pass
+/// logits within [`TOLERANCE`]. Returns the difference.
+pub fn assert_cached_parity(case: &str, prefix: i32) -> f32 {
+    use mlx_rs::ops::indexing::IndexOp;
+    let reference = reference(case);
+    let mut loaded = load(case);
+    let mut cache = loaded.model.new_cache();
+    let seq = reference.shape[1];
+    assert!(
+        prefix > 0 && prefix < seq,
+        "{case}: prefix {prefix} outside 1..{seq}"
+    );
+    let mut steps = vec![loaded
+        .model
+        .forward(&reference.input_ids.index((.., ..prefix)), Some(&mut cache))
+        .unwrap_or_else(|e| panic!("{case}: prefix forward: {e}"))];
+    for t in prefix..seq {
+        let token = reference.input_ids.index((.., t..t + 1));
+        steps.push(
+            loaded
+                .model
+                .forward(&token, Some(&mut cache))
+                .unwrap_or_else(|e| panic!("{case}: step {t}: {e}")),
+        );
+    }
+    let logits = mlx_rs::ops::concatenate(&steps, 1).expect("concatenating steps");
+    assert_eq!(
+        logits.shape(),
+        reference.shape.as_slice(),
+        "{case}: logits shape"
+    );
+    let diff = max_abs_diff(logits.as_slice::<f32>(), &reference.logits);
+    assert!(
+        diff < TOLERANCE,
+        "{case}: cached decoding differs from transformers by {diff}"
+    );
+    eprintln!("{case}: cached decoding, max abs diff against transformers {diff:e}");
+    diff
+}
+
+/// Asserts that exporting the loaded parameters of fixture `case` gives back
+/// exactly the checkpoint's tensor names and bytes (as float32).
+pub fn assert_export_round_trips(case: &str) {
+    fn bytes(array: &Array) -> Vec<u8> {
+        let array = array.as_dtype(mlx_rs::Dtype::Float32).expect("cast");
+        array
+            .as_slice::<f32>()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+    let checkpoint = mlx_zoo::checkpoint::Checkpoint::open(&fixture(case)).expect("checkpoint");
+    let original: std::collections::BTreeMap<String, Vec<u8>> = checkpoint
+        .tensors()
+        .into_keys()
+        .map(|name| {
+            let array = checkpoint
+                .load(&name, mlx_rs::Dtype::Float32)
+                .expect("tensor");
+            (name, bytes(&array))
+        })
+        .collect();
+    let exported: std::collections::BTreeMap<String, Vec<u8>> = load(case)
+        .export_weights()
+        .unwrap_or_else(|e| panic!("{case}: export: {e}"))
+        .iter()
+        .map(|(name, array)| (name.clone(), bytes(array)))
+        .collect();
+    assert_eq!(
+        exported.keys().collect::<Vec<_>>(),
+        original.keys().collect::<Vec<_>>(),
+        "{case}: exported names"
+    );
+    for (name, data) in &original {
+        assert!(
+            exported[name] == *data,
+            "{case}: {name} differs after export"
+        );
+    }
+}
+
+/// The mapping report of fixture `case`, for snapshots.
+pub fn mapping_report(case: &str) -> mlx_zoo::MappingReport {
+    let registry = mlx_zoo::registry().expect("registry");
+    loader::inspect(&registry, &fixture(case))
+        .unwrap_or_else(|e| panic!("inspecting {case}: {e}"))
+        .report
+}

@@ -2,13 +2,7 @@
 //! direction giving back the checkpoint's own names and tensors bit for bit.
 
 use mlx_zoo::loader;
-use mlx_zoo_tests::{fixture, load};
-use std::collections::BTreeMap;
-
-fn report(case: &str) -> mlx_zoo::MappingReport {
-    let registry = mlx_zoo::registry().unwrap();
-    loader::inspect(&registry, &fixture(case)).unwrap().report
-}
+use mlx_zoo_tests::{assert_export_round_trips, mapping_report as report};
 
 #[test]
 fn hf_layout_report() {
@@ -25,51 +19,6 @@ fn tied_embeddings_report() {
 #[test]
 fn meta_layout_report() {
     insta::assert_yaml_snapshot!(report("llama-meta"));
-}
-
-fn checkpoint_tensors(case: &str) -> BTreeMap<String, Vec<u8>> {
-    let checkpoint = mlx_zoo::checkpoint::Checkpoint::open(&fixture(case)).unwrap();
-    checkpoint
-        .tensors()
-        .into_keys()
-        .map(|name| {
-            let array = checkpoint.load(&name, mlx_rs::Dtype::Float32).unwrap();
-            let bytes = array
-                .as_slice::<f32>()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            (name, bytes)
-        })
-        .collect()
-}
-
-fn assert_export_round_trips(case: &str) {
-    let loaded = load(case);
-    let exported = loaded.export_weights().unwrap();
-    let original = checkpoint_tensors(case);
-    let exported: BTreeMap<String, Vec<u8>> = exported
-        .into_iter()
-        .map(|(name, array)| {
-            let bytes = array
-                .as_slice::<f32>()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            (name, bytes)
-        })
-        .collect();
-    assert_eq!(
-        exported.keys().collect::<Vec<_>>(),
-        original.keys().collect::<Vec<_>>(),
-        "{case}: exported names"
-    );
-    for (name, bytes) in &original {
-        assert!(
-            exported[name] == *bytes,
-            "{case}: {name} differs after export"
-        );
-    }
 }
 
 #[test]
@@ -117,4 +66,24 @@ fn tied_config_drops_a_stored_output_projection_with_the_reason() {
     assert_eq!(report.dropped.len(), 1);
     assert_eq!(report.dropped[0].tensor, "lm_head.weight");
     assert!(report.dropped[0].reason.contains("tie_word_embeddings"));
+}
+
+#[test]
+fn mistral_report() {
+    insta::assert_yaml_snapshot!(report("mistral-sliding"));
+}
+
+#[test]
+fn mixtral_report_stacks_experts() {
+    insta::assert_yaml_snapshot!(report("mixtral-moe"));
+}
+
+#[test]
+fn mixtral_exports_per_expert_tensors_bit_for_bit() {
+    assert_export_round_trips("mixtral-moe");
+}
+
+#[test]
+fn mistral_exports_bit_for_bit() {
+    assert_export_round_trips("mistral-sliding");
 }

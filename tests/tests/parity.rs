@@ -1,6 +1,6 @@
 //! LLaMA-family logits against Hugging Face transformers (float32).
 
-use mlx_zoo_tests::{assert_parity, load, max_abs_diff, reference, TOLERANCE};
+use mlx_zoo_tests::{assert_cached_parity, assert_parity};
 
 #[test]
 fn gqa_llama_matches_transformers() {
@@ -48,25 +48,32 @@ fn transformers_4_config_matches_transformers() {
 }
 
 #[test]
-fn cached_decoding_equals_one_forward_pass() {
-    let reference = reference("llama-gqa");
-    let mut loaded = load("llama-gqa");
-    let mut cache = loaded.model.new_cache();
-    let seq = reference.shape[1];
-    let vocab = reference.shape[2] as usize;
-    // Prefix of 5 tokens at once, then one token at a time.
-    let prefix = reference.input_ids.index((.., ..5));
-    let mut steps = vec![loaded.model.forward(&prefix, Some(&mut cache)).unwrap()];
-    for t in 5..seq {
-        let token = reference.input_ids.index((.., t..t + 1));
-        steps.push(loaded.model.forward(&token, Some(&mut cache)).unwrap());
-    }
-    let logits = mlx_rs::ops::concatenate(&steps, 1).unwrap();
-    let logits = logits.as_slice::<f32>();
-    let diff = max_abs_diff(logits, &reference.logits);
-    assert!(diff < TOLERANCE, "cached decoding differs by {diff}");
-    assert_eq!(logits.len(), reference.logits.len());
-    assert_eq!(vocab * seq as usize * 2, logits.len());
+fn llama_cached_decoding_matches_one_pass() {
+    assert_cached_parity("llama-gqa", 5);
 }
 
-use mlx_rs::ops::indexing::IndexOp;
+#[test]
+fn mistral_cached_decoding_keeps_to_the_window() {
+    // Window 4, 16 positions: every step past the fourth must drop old keys.
+    assert_cached_parity("mistral-sliding", 3);
+}
+
+#[test]
+fn mixtral_cached_decoding_matches_one_pass() {
+    assert_cached_parity("mixtral-moe", 4);
+}
+
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    assert_parity("mistral-sliding");
+}
+
+#[test]
+fn mistral_without_window_matches_transformers() {
+    assert_parity("mistral-no-window");
+}
+
+#[test]
+fn mixtral_experts_match_transformers() {
+    assert_parity("mixtral-moe");
+}

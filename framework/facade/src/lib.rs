@@ -13,6 +13,8 @@ pub use mlx_zoo_core::*;
 
 /// The LLaMA family.
 pub use mlx_zoo_llama as llama;
+/// The Mistral and Mixtral families.
+pub use mlx_zoo_mistral as mistral;
 
 /// A registry holding every plugin linked into this binary: the built-in
 /// ones and any third-party crate the binary references.

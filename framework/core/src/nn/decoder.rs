@@ -214,3 +214,64 @@ impl CausalLm for Decoder {
         self.dims.clone()
     }
 }
+
+/// The mapping rules of a Hugging Face checkpoint onto a [`Decoder`]:
+/// every parameter keeps its name, rotary caches are dropped, and the output
+/// projection is dropped (tied config) or tied to the embeddings when the
+/// checkpoint lacks it. Families put their own rules (renames, splits,
+/// expert stacks) in front; the first matching rule wins.
+pub fn decoder_rules(tie_word_embeddings: bool) -> Vec<crate::mapping::Rule> {
+    use crate::mapping::Rule;
+    const LAYER: &[&str] = &[
+        "self_attn.q_proj.weight",
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.weight",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.weight",
+        "self_attn.v_proj.bias",
+        "self_attn.o_proj.weight",
+        "self_attn.o_proj.bias",
+        "mlp.gate_proj.weight",
+        "mlp.gate_proj.bias",
+        "mlp.up_proj.weight",
+        "mlp.up_proj.bias",
+        "mlp.down_proj.weight",
+        "mlp.down_proj.bias",
+        "block_sparse_moe.gate.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ];
+    let mut rules = vec![
+        Rule::drop(
+            "model.layers.{L}.self_attn.rotary_emb.inv_freq",
+            "recomputed from the config",
+        ),
+        Rule::keep("model.embed_tokens.weight"),
+        Rule::keep("model.norm.weight"),
+    ];
+    rules.extend(
+        LAYER
+            .iter()
+            .map(|p| Rule::keep(&format!("model.layers.{{L}}.{p}"))),
+    );
+    rules.extend(output_rules(tie_word_embeddings, "lm_head.weight"));
+    rules
+}
+
+/// How a checkpoint's output projection named `checkpoint_name` maps: dropped
+/// with the reason when the config ties it to the embeddings, else renamed to
+/// `lm_head.weight` and tied to the embeddings when absent.
+pub fn output_rules(tie_word_embeddings: bool, checkpoint_name: &str) -> Vec<crate::mapping::Rule> {
+    use crate::mapping::Rule;
+    if tie_word_embeddings {
+        vec![Rule::drop(
+            checkpoint_name,
+            "tie_word_embeddings: the output projection reuses model.embed_tokens.weight",
+        )]
+    } else {
+        vec![
+            Rule::rename(checkpoint_name, "lm_head.weight"),
+            Rule::tie("lm_head.weight", "model.embed_tokens.weight"),
+        ]
+    }
+}

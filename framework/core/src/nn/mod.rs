@@ -12,7 +12,9 @@ mod moe;
 mod rope;
 
 pub use attention::{Attention, AttentionConfig, AttentionMask};
-pub use decoder::{Decoder, DecoderBlock, DecoderConfig, DecoderStack, MoeConfig};
+pub use decoder::{
+    decoder_rules, output_rules, Decoder, DecoderBlock, DecoderConfig, DecoderStack, MoeConfig,
+};
 pub use layers::{embedding, layer_norm, linear, rms_norm, Embedding, LayerNorm, Linear, RmsNorm};
 pub use mask::causal_mask;
 pub use mlp::{Activation, GeluMlp, SwiGlu};

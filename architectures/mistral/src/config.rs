@@ -1,0 +1,333 @@
+//! `MistralConfig` and `MixtralConfig`: the keys of transformers' configs
+//! that shape the model, with transformers' defaults for absent keys.
+
+use mlx_zoo_core::nn::{Activation, DecoderConfig, MoeConfig, Rope, RopeScaling};
+use mlx_zoo_core::{Error, ModelConfig, ModelDims, Result};
+use serde::{Deserialize, Serialize};
+
+fn silu() -> Activation {
+    Activation::Silu
+}
+
+/// A Mistral configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MistralConfig {
+    /// Vocabulary size.
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: usize,
+    /// Model width.
+    #[serde(default = "defaults::hidden_size")]
+    pub hidden_size: usize,
+    /// MLP width.
+    #[serde(default = "defaults::intermediate_size")]
+    pub intermediate_size: usize,
+    /// Decoder blocks.
+    #[serde(default = "defaults::num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    #[serde(default = "defaults::num_attention_heads")]
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    #[serde(default = "defaults::num_key_value_heads")]
+    pub num_key_value_heads: usize,
+    /// Features per head; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// MLP activation.
+    #[serde(default = "silu")]
+    pub hidden_act: Activation,
+    /// Context length.
+    #[serde(default = "defaults::max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "defaults::rms_norm_eps_mistral")]
+    pub rms_norm_eps: f32,
+    /// RoPE base.
+    #[serde(default = "defaults::rope_theta_mistral")]
+    pub rope_theta: f32,
+    /// RoPE scaling, if any.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Attention window; `null` for full attention.
+    #[serde(default = "defaults::sliding_window")]
+    pub sliding_window: Option<usize>,
+    /// Output projection shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+/// A Mixtral configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixtralConfig {
+    /// Vocabulary size.
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: usize,
+    /// Model width.
+    #[serde(default = "defaults::hidden_size")]
+    pub hidden_size: usize,
+    /// Width of each expert's MLP.
+    #[serde(default = "defaults::intermediate_size")]
+    pub intermediate_size: usize,
+    /// Decoder blocks.
+    #[serde(default = "defaults::num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    #[serde(default = "defaults::num_attention_heads")]
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    #[serde(default = "defaults::num_key_value_heads")]
+    pub num_key_value_heads: usize,
+    /// Features per head; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// MLP activation.
+    #[serde(default = "silu")]
+    pub hidden_act: Activation,
+    /// Context length.
+    #[serde(default = "defaults::max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    #[serde(default = "defaults::rms_norm_eps_mixtral")]
+    pub rms_norm_eps: f32,
+    /// RoPE base.
+    #[serde(default = "defaults::rope_theta_mixtral")]
+    pub rope_theta: f32,
+    /// RoPE scaling, if any.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Attention window; absent or `null` for full attention.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Number of experts.
+    #[serde(default = "defaults::num_local_experts")]
+    pub num_local_experts: usize,
+    /// Experts run per token.
+    #[serde(default = "defaults::num_experts_per_tok")]
+    pub num_experts_per_tok: usize,
+    /// Output projection shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+mod defaults {
+    pub fn vocab_size() -> usize {
+        32000
+    }
+    pub fn hidden_size() -> usize {
+        4096
+    }
+    pub fn intermediate_size() -> usize {
+        14336
+    }
+    pub fn num_hidden_layers() -> usize {
+        32
+    }
+    pub fn num_attention_heads() -> usize {
+        32
+    }
+    pub fn num_key_value_heads() -> usize {
+        8
+    }
+    pub fn max_position_embeddings() -> usize {
+        4096 * 32
+    }
+    pub fn rms_norm_eps_mistral() -> f32 {
+        1e-6
+    }
+    pub fn rms_norm_eps_mixtral() -> f32 {
+        1e-5
+    }
+    pub fn rope_theta_mistral() -> f32 {
+        10000.0
+    }
+    pub fn rope_theta_mixtral() -> f32 {
+        1e6
+    }
+    pub fn sliding_window() -> Option<usize> {
+        Some(4096)
+    }
+    pub fn num_local_experts() -> usize {
+        8
+    }
+    pub fn num_experts_per_tok() -> usize {
+        2
+    }
+}
+
+/// The shape keys both configs share, checked once.
+struct Shape {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: Option<usize>,
+    max_position_embeddings: usize,
+    sliding_window: Option<usize>,
+}
+
+impl Shape {
+    fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        ] {
+            if value == 0 {
+                return Err(Error::config(key, "must be positive"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(Error::config(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads ({})",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::config(
+                "hidden_size",
+                format!(
+                    "{} is not divisible by num_attention_heads ({}) and no head_dim is given",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        if self.sliding_window == Some(0) {
+            return Err(Error::config("sliding_window", "must be positive or null"));
+        }
+        Ok(())
+    }
+
+    fn dims(&self) -> ModelDims {
+        ModelDims {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim(),
+            intermediate_size: self.intermediate_size,
+            max_position_embeddings: self.max_position_embeddings,
+        }
+    }
+}
+
+macro_rules! shape_of {
+    ($config:expr) => {
+        Shape {
+            vocab_size: $config.vocab_size,
+            hidden_size: $config.hidden_size,
+            intermediate_size: $config.intermediate_size,
+            num_hidden_layers: $config.num_hidden_layers,
+            num_attention_heads: $config.num_attention_heads,
+            num_key_value_heads: $config.num_key_value_heads,
+            head_dim: $config.head_dim,
+            max_position_embeddings: $config.max_position_embeddings,
+            sliding_window: $config.sliding_window,
+        }
+    };
+}
+
+impl MistralConfig {
+    /// Resolves the keys whose defaults depend on other keys.
+    pub fn fill_defaults(&mut self) {
+        self.head_dim = Some(shape_of!(self).head_dim());
+    }
+
+    /// The decoder this config describes.
+    pub fn decoder_config(&self) -> Result<DecoderConfig> {
+        let dims = self.dims();
+        Ok(DecoderConfig {
+            rope: Rope::new(
+                dims.head_dim,
+                self.rope_theta,
+                self.rope_scaling.as_ref(),
+                self.max_position_embeddings,
+            )?,
+            sliding_windows: vec![self.sliding_window; dims.num_layers],
+            dims,
+            rms_norm_eps: self.rms_norm_eps,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            activation: self.hidden_act,
+            tie_word_embeddings: self.tie_word_embeddings,
+            moe: None,
+        })
+    }
+}
+
+impl ModelConfig for MistralConfig {
+    fn validate(&self) -> Result<()> {
+        shape_of!(self).validate()
+    }
+
+    fn dims(&self) -> ModelDims {
+        shape_of!(self).dims()
+    }
+}
+
+impl MixtralConfig {
+    /// Resolves the keys whose defaults depend on other keys.
+    pub fn fill_defaults(&mut self) {
+        self.head_dim = Some(shape_of!(self).head_dim());
+    }
+
+    /// The decoder this config describes.
+    pub fn decoder_config(&self) -> Result<DecoderConfig> {
+        let dims = self.dims();
+        Ok(DecoderConfig {
+            rope: Rope::new(
+                dims.head_dim,
+                self.rope_theta,
+                self.rope_scaling.as_ref(),
+                self.max_position_embeddings,
+            )?,
+            sliding_windows: vec![self.sliding_window; dims.num_layers],
+            dims,
+            rms_norm_eps: self.rms_norm_eps,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            activation: self.hidden_act,
+            tie_word_embeddings: self.tie_word_embeddings,
+            moe: Some(MoeConfig {
+                experts: self.num_local_experts,
+                top_k: self.num_experts_per_tok,
+                normalize_top_k: true,
+            }),
+        })
+    }
+}
+
+impl ModelConfig for MixtralConfig {
+    fn validate(&self) -> Result<()> {
+        shape_of!(self).validate()?;
+        if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
+            return Err(Error::config(
+                "num_experts_per_tok",
+                format!(
+                    "{} must be between 1 and num_local_experts ({})",
+                    self.num_experts_per_tok, self.num_local_experts
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn dims(&self) -> ModelDims {
+        shape_of!(self).dims()
+    }
+}
