@@ -87,3 +87,43 @@ fn mixtral_exports_per_expert_tensors_bit_for_bit() {
 fn mistral_exports_bit_for_bit() {
     assert_export_round_trips("mistral-sliding");
 }
+
+#[test]
+fn phi2_report_renames_dense() {
+    insta::assert_yaml_snapshot!(report("phi2-qk-layernorm"));
+}
+
+#[test]
+fn phi_msft_report_splits_wqkv() {
+    insta::assert_yaml_snapshot!(report("phi2-msft"));
+}
+
+#[test]
+fn phi3_report_splits_fused_projections_by_gqa_sizes() {
+    insta::assert_yaml_snapshot!(report("phi3"));
+}
+
+#[test]
+fn qwen2_report() {
+    insta::assert_yaml_snapshot!(report("qwen2"));
+}
+
+#[test]
+fn qwen_v1_report() {
+    insta::assert_yaml_snapshot!(report("qwen-v1"));
+}
+
+#[test]
+fn every_family_exports_bit_for_bit() {
+    for case in [
+        "phi2",
+        "phi2-qk-layernorm",
+        "phi2-msft",
+        "phi3",
+        "phi3-longrope",
+        "qwen2",
+        "qwen-v1",
+    ] {
+        assert_export_round_trips(case);
+    }
+}

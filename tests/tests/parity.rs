@@ -77,3 +77,73 @@ fn mistral_without_window_matches_transformers() {
 fn mixtral_experts_match_transformers() {
     assert_parity("mixtral-moe");
 }
+
+#[test]
+fn phi2_matches_transformers() {
+    assert_parity("phi2");
+}
+
+#[test]
+fn phi2_with_qk_layernorm_matches_transformers() {
+    assert_parity("phi2-qk-layernorm");
+}
+
+#[test]
+fn phi_msft_layout_matches_transformers() {
+    assert_parity("phi2-msft");
+}
+
+#[test]
+fn phi3_fused_projections_match_transformers() {
+    assert_parity("phi3");
+}
+
+#[test]
+fn phi3_longrope_matches_transformers_past_the_original_context() {
+    assert_parity("phi3-longrope");
+}
+
+#[test]
+fn phi3_partial_rotary_matches_transformers() {
+    assert_parity("phi3-partial-rotary");
+}
+
+#[test]
+fn qwen2_matches_transformers_without_its_disabled_window() {
+    assert_parity("qwen2");
+}
+
+#[test]
+fn qwen2_dynamic_rope_matches_transformers_past_the_context() {
+    assert_parity("qwen2-dynamic-rope");
+}
+
+#[test]
+fn qwen_v1_matches_the_reference_implementation() {
+    assert_parity("qwen-v1");
+}
+
+#[test]
+fn qwen_v1_dynamic_ntk_and_logn_match_the_reference_implementation() {
+    assert_parity("qwen-v1-ntk-logn");
+}
+
+#[test]
+fn phi2_cached_decoding_matches_one_pass() {
+    assert_cached_parity("phi2", 4);
+}
+
+#[test]
+fn phi3_cached_decoding_matches_one_pass() {
+    assert_cached_parity("phi3", 4);
+}
+
+#[test]
+fn qwen2_cached_decoding_matches_one_pass() {
+    assert_cached_parity("qwen2", 4);
+}
+
+#[test]
+fn qwen_v1_cached_decoding_matches_one_pass() {
+    assert_cached_parity("qwen-v1", 4);
+}

@@ -80,13 +80,16 @@ impl HfConfig {
     pub fn normalized(&self) -> Value {
         let mut value = self.value.clone();
         if let Some(Value::Object(params)) = value.get("rope_parameters").cloned() {
-            if let Some(theta) = params.get("rope_theta") {
-                value
-                    .entry("rope_theta".to_owned())
-                    .or_insert_with(|| theta.clone());
+            // Keys transformers 5.x moved into `rope_parameters` that are not
+            // about the scaling itself go back to the top level.
+            for key in ["rope_theta", "partial_rotary_factor"] {
+                if let Some(v) = params.get(key) {
+                    value.entry(key.to_owned()).or_insert_with(|| v.clone());
+                }
             }
             let mut scaling = params.clone();
             scaling.remove("rope_theta");
+            scaling.remove("partial_rotary_factor");
             let is_default = matches!(
                 scaling.get("rope_type").and_then(Value::as_str),
                 None | Some("default")
@@ -161,6 +164,17 @@ mod tests {
         assert_eq!(n["rope_scaling"]["rope_type"], json!("llama3"));
         assert_eq!(n["rope_scaling"]["factor"], json!(8.0));
         assert!(n["rope_scaling"].get("rope_theta").is_none());
+    }
+
+    #[test]
+    fn v5_partial_rotary_factor_goes_back_to_the_top_level() {
+        let config = HfConfig::from_value(json!({
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1.0, "partial_rotary_factor": 0.5}
+        }))
+        .unwrap();
+        let n = config.normalized();
+        assert_eq!(n["partial_rotary_factor"], json!(0.5));
+        assert!(n["rope_scaling"].is_null());
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub use mlx_zoo_core::*;
 pub use mlx_zoo_llama as llama;
 /// The Mistral and Mixtral families.
 pub use mlx_zoo_mistral as mistral;
+/// The Phi and Phi-3 families.
+pub use mlx_zoo_phi as phi;
+/// The Qwen2 and original Qwen families.
+pub use mlx_zoo_qwen as qwen;
 
 /// A registry holding every plugin linked into this binary: the built-in
 /// ones and any third-party crate the binary references.
