@@ -151,3 +151,45 @@ fn demo_runs_on_the_bundled_model() {
     assert!(out.contains("(match)"), "{out}");
     assert!(out.contains("greedy continuation"), "{out}");
 }
+
+#[test]
+fn inspect_and_logits_work_for_every_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("ids.json");
+    std::fs::write(&tokens, "[[1, 2, 3, 4], [5, 6, 7, 8]]").unwrap();
+    for (case, architecture) in [
+        ("llama-gqa", "llama"),
+        ("mistral-sliding", "mistral"),
+        ("mixtral-moe", "mixtral"),
+        ("phi2", "phi"),
+        ("phi2-msft", "phi"),
+        ("phi3-longrope", "phi3"),
+        ("qwen2", "qwen2"),
+        ("qwen-v1", "qwen"),
+    ] {
+        let model = fixture(case);
+        let json: serde_json::Value = serde_json::from_str(&stdout(&zoo(&[
+            "inspect",
+            model.to_str().unwrap(),
+            "--json",
+        ])))
+        .unwrap();
+        assert_eq!(json["architecture"], architecture, "{case}");
+        assert_eq!(json["report"]["missing"], serde_json::json!([]), "{case}");
+        let out = dir.path().join(format!("{case}.npy"));
+        stdout(&zoo(&[
+            "logits",
+            model.to_str().unwrap(),
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        let (header, data) = read_npy_f32(&out);
+        assert!(header.contains("'shape': (2, 4, 128)"), "{case}: {header}");
+        assert!(
+            data.iter().all(|v| v.is_finite()),
+            "{case}: non-finite logits"
+        );
+    }
+}
