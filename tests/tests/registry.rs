@@ -131,3 +131,34 @@ fn no_match_lists_what_is_registered() {
     );
     assert!(err.contains("registered: llama"), "{err}");
 }
+
+#[test]
+fn every_family_is_detected_by_model_type_and_by_class_name() {
+    let registry = mlx_zoo::registry().unwrap();
+    for (model_type, class, expected) in [
+        ("llama", "LlamaForCausalLM", "llama"),
+        ("mistral", "MistralForCausalLM", "mistral"),
+        ("mixtral", "MixtralForCausalLM", "mixtral"),
+        ("phi", "PhiForCausalLM", "phi"),
+        ("phi3", "Phi3ForCausalLM", "phi3"),
+        ("qwen2", "Qwen2ForCausalLM", "qwen2"),
+        ("qwen", "QWenLMHeadModel", "qwen"),
+    ] {
+        let by_type =
+            HfConfig::from_value(serde_json::json!({ "model_type": model_type })).unwrap();
+        let resolved = registry.resolve(&by_type).unwrap();
+        assert_eq!(
+            resolved.architecture.name(),
+            expected,
+            "model_type {model_type}"
+        );
+        let by_class = HfConfig::from_value(serde_json::json!({
+            "model_type": format!("custom-{model_type}"),
+            "architectures": [class]
+        }))
+        .unwrap();
+        let resolved = registry.resolve(&by_class).unwrap();
+        assert_eq!(resolved.architecture.name(), expected, "class {class}");
+        assert!(resolved.reason.contains(class), "{}", resolved.reason);
+    }
+}
