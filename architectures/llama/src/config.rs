@@ -87,16 +87,6 @@ mod defaults {
 }
 
 impl LlamaConfig {
-    /// Resolves the keys whose defaults depend on other keys.
-    pub fn fill_defaults(&mut self) {
-        if self.num_key_value_heads.is_none() {
-            self.num_key_value_heads = Some(self.num_attention_heads);
-        }
-        if self.head_dim.is_none() && self.num_attention_heads > 0 {
-            self.head_dim = Some(self.hidden_size / self.num_attention_heads);
-        }
-    }
-
     /// Key/value heads.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -110,39 +100,18 @@ impl LlamaConfig {
 }
 
 impl ModelConfig for LlamaConfig {
+    fn resolve_defaults(&mut self) {
+        self.num_key_value_heads = Some(self.kv_heads());
+        if self.head_dim.is_none()
+            && self.num_attention_heads > 0
+            && self.hidden_size % self.num_attention_heads == 0
+        {
+            self.head_dim = Some(self.hidden_size / self.num_attention_heads);
+        }
+    }
+
     fn validate(&self) -> Result<()> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err(Error::config(key, "must be positive"));
-            }
-        }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
-            return Err(Error::config(
-                "hidden_size",
-                format!(
-                    "{} is not divisible by num_attention_heads ({}) and no head_dim is given",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
-        if self.num_attention_heads % self.kv_heads() != 0 {
-            return Err(Error::config(
-                "num_key_value_heads",
-                format!(
-                    "{} does not divide num_attention_heads ({})",
-                    self.kv_heads(),
-                    self.num_attention_heads
-                ),
-            ));
-        }
+        self.dims().check(self.head_dim.is_some())?;
         if self.head_dim() % 2 != 0 {
             return Err(Error::config(
                 "head_dim",

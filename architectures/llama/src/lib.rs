@@ -20,7 +20,7 @@ pub use config::LlamaConfig;
 pub use model::{decoder_config, Llama};
 
 use mlx_zoo_core::mapping::{TensorMeta, WeightMapper};
-use mlx_zoo_core::{Architecture, CausalLm, HfConfig, Result};
+use mlx_zoo_core::{Architecture, CausalLm, Result};
 use std::collections::BTreeMap;
 
 /// The LLaMA family.
@@ -44,13 +44,6 @@ impl Architecture for LlamaArchitecture {
 
     fn hf_architectures(&self) -> &'static [&'static str] {
         &["LlamaForCausalLM"]
-    }
-
-    fn parse_config(&self, config: &HfConfig) -> Result<LlamaConfig> {
-        let mut parsed: LlamaConfig = config.parse()?;
-        parsed.fill_defaults();
-        mlx_zoo_core::ModelConfig::validate(&parsed)?;
-        Ok(parsed)
     }
 
     fn weight_mapper(

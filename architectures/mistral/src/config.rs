@@ -154,98 +154,24 @@ mod defaults {
     }
 }
 
-/// The shape keys both configs share, checked once.
-struct Shape {
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: usize,
-    head_dim: Option<usize>,
-    max_position_embeddings: usize,
-    sliding_window: Option<usize>,
+/// Features per head: `head_dim`, else the width over the heads.
+fn head_dim(explicit: Option<usize>, hidden: usize, heads: usize) -> usize {
+    explicit.unwrap_or(hidden / heads.max(1))
 }
 
-impl Shape {
-    fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
-    }
-
-    fn validate(&self) -> Result<()> {
-        for (key, value) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-        ] {
-            if value == 0 {
-                return Err(Error::config(key, "must be positive"));
-            }
-        }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
-            return Err(Error::config(
-                "num_key_value_heads",
-                format!(
-                    "{} does not divide num_attention_heads ({})",
-                    self.num_key_value_heads, self.num_attention_heads
-                ),
-            ));
-        }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
-            return Err(Error::config(
-                "hidden_size",
-                format!(
-                    "{} is not divisible by num_attention_heads ({}) and no head_dim is given",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
-        if self.sliding_window == Some(0) {
-            return Err(Error::config("sliding_window", "must be positive or null"));
-        }
-        Ok(())
-    }
-
-    fn dims(&self) -> ModelDims {
-        ModelDims {
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden_size,
-            num_layers: self.num_hidden_layers,
-            num_heads: self.num_attention_heads,
-            num_kv_heads: self.num_key_value_heads,
-            head_dim: self.head_dim(),
-            intermediate_size: self.intermediate_size,
-            max_position_embeddings: self.max_position_embeddings,
-        }
-    }
+/// `head_dim` when absent and exact.
+fn resolved_head_dim(explicit: Option<usize>, hidden: usize, heads: usize) -> Option<usize> {
+    explicit.or((heads > 0 && hidden % heads == 0).then(|| hidden / heads))
 }
 
-macro_rules! shape_of {
-    ($config:expr) => {
-        Shape {
-            vocab_size: $config.vocab_size,
-            hidden_size: $config.hidden_size,
-            intermediate_size: $config.intermediate_size,
-            num_hidden_layers: $config.num_hidden_layers,
-            num_attention_heads: $config.num_attention_heads,
-            num_key_value_heads: $config.num_key_value_heads,
-            head_dim: $config.head_dim,
-            max_position_embeddings: $config.max_position_embeddings,
-            sliding_window: $config.sliding_window,
-        }
-    };
+fn check_window(window: Option<usize>) -> Result<()> {
+    if window == Some(0) {
+        return Err(Error::config("sliding_window", "must be positive or null"));
+    }
+    Ok(())
 }
 
 impl MistralConfig {
-    /// Resolves the keys whose defaults depend on other keys.
-    pub fn fill_defaults(&mut self) {
-        self.head_dim = Some(shape_of!(self).head_dim());
-    }
-
     /// The decoder this config describes.
     pub fn decoder_config(&self) -> Result<DecoderConfig> {
         let dims = self.dims();
@@ -270,22 +196,32 @@ impl MistralConfig {
 }
 
 impl ModelConfig for MistralConfig {
+    fn resolve_defaults(&mut self) {
+        self.head_dim =
+            resolved_head_dim(self.head_dim, self.hidden_size, self.num_attention_heads);
+    }
+
     fn validate(&self) -> Result<()> {
-        shape_of!(self).validate()
+        self.dims().check(self.head_dim.is_some())?;
+        check_window(self.sliding_window)
     }
 
     fn dims(&self) -> ModelDims {
-        shape_of!(self).dims()
+        ModelDims {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads,
+            head_dim: head_dim(self.head_dim, self.hidden_size, self.num_attention_heads),
+            intermediate_size: self.intermediate_size,
+            max_position_embeddings: self.max_position_embeddings,
+        }
     }
 }
 
 impl MixtralConfig {
-    /// Resolves the keys whose defaults depend on other keys.
-    pub fn fill_defaults(&mut self) {
-        self.head_dim = Some(shape_of!(self).head_dim());
-    }
-
-    /// The decoder this config describes.
+    /// The decoder this config describes: Mistral's, with experts.
     pub fn decoder_config(&self) -> Result<DecoderConfig> {
         let dims = self.dims();
         Ok(DecoderConfig {
@@ -313,8 +249,14 @@ impl MixtralConfig {
 }
 
 impl ModelConfig for MixtralConfig {
+    fn resolve_defaults(&mut self) {
+        self.head_dim =
+            resolved_head_dim(self.head_dim, self.hidden_size, self.num_attention_heads);
+    }
+
     fn validate(&self) -> Result<()> {
-        shape_of!(self).validate()?;
+        self.dims().check(self.head_dim.is_some())?;
+        check_window(self.sliding_window)?;
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
             return Err(Error::config(
                 "num_experts_per_tok",
@@ -328,6 +270,15 @@ impl ModelConfig for MixtralConfig {
     }
 
     fn dims(&self) -> ModelDims {
-        shape_of!(self).dims()
+        ModelDims {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads,
+            head_dim: head_dim(self.head_dim, self.hidden_size, self.num_attention_heads),
+            intermediate_size: self.intermediate_size,
+            max_position_embeddings: self.max_position_embeddings,
+        }
     }
 }

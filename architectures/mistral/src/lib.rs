@@ -16,7 +16,7 @@ pub use config::{MistralConfig, MixtralConfig};
 
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::nn::{decoder_rules, Decoder};
-use mlx_zoo_core::{Architecture, CausalLm, HfConfig, ModelConfig, Result};
+use mlx_zoo_core::{Architecture, CausalLm, Result};
 use std::collections::BTreeMap;
 
 /// The Mistral family (dense, sliding-window attention).
@@ -40,13 +40,6 @@ impl Architecture for MistralArchitecture {
 
     fn hf_architectures(&self) -> &'static [&'static str] {
         &["MistralForCausalLM"]
-    }
-
-    fn parse_config(&self, config: &HfConfig) -> Result<MistralConfig> {
-        let mut parsed: MistralConfig = config.parse()?;
-        parsed.fill_defaults();
-        parsed.validate()?;
-        Ok(parsed)
     }
 
     fn weight_mapper(
@@ -93,13 +86,6 @@ impl Architecture for MixtralArchitecture {
 
     fn hf_architectures(&self) -> &'static [&'static str] {
         &["MixtralForCausalLM"]
-    }
-
-    fn parse_config(&self, config: &HfConfig) -> Result<MixtralConfig> {
-        let mut parsed: MixtralConfig = config.parse()?;
-        parsed.fill_defaults();
-        parsed.validate()?;
-        Ok(parsed)
     }
 
     fn weight_mapper(

@@ -17,9 +17,7 @@ use mlx_zoo_core::nn::{
     causal_mask, embedding, layer_norm, linear, Activation, Attention, AttentionConfig, Embedding,
     GeluMlp, LayerNorm, Linear, Rope, RopeScaling,
 };
-use mlx_zoo_core::{
-    Architecture, CausalLm, Error, HfConfig, KvCache, ModelConfig, ModelDims, Result,
-};
+use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -120,38 +118,12 @@ impl PhiConfig {
 }
 
 impl ModelConfig for PhiConfig {
+    fn resolve_defaults(&mut self) {
+        self.num_key_value_heads = Some(self.kv_heads());
+    }
+
     fn validate(&self) -> Result<()> {
-        for (key, value) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-        ] {
-            if value == 0 {
-                return Err(Error::config(key, "must be positive"));
-            }
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(Error::config(
-                "hidden_size",
-                format!(
-                    "{} is not divisible by num_attention_heads ({})",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
-        if self.num_attention_heads % self.kv_heads() != 0 {
-            return Err(Error::config(
-                "num_key_value_heads",
-                format!(
-                    "{} does not divide num_attention_heads ({})",
-                    self.kv_heads(),
-                    self.num_attention_heads
-                ),
-            ));
-        }
+        self.dims().check(false)?;
         let rotary = self.rotary_dims();
         if rotary == 0 || rotary % 2 != 0 {
             return Err(Error::config(
@@ -407,13 +379,6 @@ impl Architecture for PhiArchitecture {
 
     fn hf_architectures(&self) -> &'static [&'static str] {
         &["PhiForCausalLM"]
-    }
-
-    fn parse_config(&self, config: &HfConfig) -> Result<PhiConfig> {
-        let mut parsed: PhiConfig = config.parse()?;
-        parsed.num_key_value_heads = Some(parsed.kv_heads());
-        parsed.validate()?;
-        Ok(parsed)
     }
 
     fn weight_mapper(

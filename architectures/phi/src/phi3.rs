@@ -2,7 +2,7 @@
 
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::nn::{decoder_rules, Activation, Decoder, DecoderConfig, Rope, RopeScaling};
-use mlx_zoo_core::{Architecture, CausalLm, Error, HfConfig, ModelConfig, ModelDims, Result};
+use mlx_zoo_core::{Architecture, CausalLm, Error, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -120,38 +120,13 @@ impl Phi3Config {
 }
 
 impl ModelConfig for Phi3Config {
+    fn resolve_defaults(&mut self) {
+        self.num_key_value_heads = Some(self.kv_heads());
+        self.rope_scaling = self.effective_rope_scaling();
+    }
+
     fn validate(&self) -> Result<()> {
-        for (key, value) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-        ] {
-            if value == 0 {
-                return Err(Error::config(key, "must be positive"));
-            }
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(Error::config(
-                "hidden_size",
-                format!(
-                    "{} is not divisible by num_attention_heads ({})",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
-        if self.num_attention_heads % self.kv_heads() != 0 {
-            return Err(Error::config(
-                "num_key_value_heads",
-                format!(
-                    "{} does not divide num_attention_heads ({})",
-                    self.kv_heads(),
-                    self.num_attention_heads
-                ),
-            ));
-        }
+        self.dims().check(false)?;
         if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0)
             || self.rotary_dims() % 2 != 0
         {
@@ -202,14 +177,6 @@ impl Architecture for Phi3Architecture {
 
     fn hf_architectures(&self) -> &'static [&'static str] {
         &["Phi3ForCausalLM"]
-    }
-
-    fn parse_config(&self, config: &HfConfig) -> Result<Phi3Config> {
-        let mut parsed: Phi3Config = config.parse()?;
-        parsed.num_key_value_heads = Some(parsed.kv_heads());
-        parsed.rope_scaling = parsed.effective_rope_scaling();
-        parsed.validate()?;
-        Ok(parsed)
     }
 
     fn weight_mapper(

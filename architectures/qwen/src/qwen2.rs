@@ -2,7 +2,7 @@
 
 use mlx_zoo_core::mapping::{MappingTable, TensorMeta, WeightMapper};
 use mlx_zoo_core::nn::{decoder_rules, Activation, Decoder, DecoderConfig, Rope, RopeScaling};
-use mlx_zoo_core::{Architecture, CausalLm, Error, HfConfig, ModelConfig, ModelDims, Result};
+use mlx_zoo_core::{Architecture, CausalLm, Error, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -119,38 +119,12 @@ impl Qwen2Config {
 }
 
 impl ModelConfig for Qwen2Config {
+    fn resolve_defaults(&mut self) {
+        self.num_key_value_heads = Some(self.kv_heads());
+    }
+
     fn validate(&self) -> Result<()> {
-        for (key, value) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-        ] {
-            if value == 0 {
-                return Err(Error::config(key, "must be positive"));
-            }
-        }
-        if self.hidden_size % self.num_attention_heads != 0 {
-            return Err(Error::config(
-                "hidden_size",
-                format!(
-                    "{} is not divisible by num_attention_heads ({})",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
-        if self.num_attention_heads % self.kv_heads() != 0 {
-            return Err(Error::config(
-                "num_key_value_heads",
-                format!(
-                    "{} does not divide num_attention_heads ({})",
-                    self.kv_heads(),
-                    self.num_attention_heads
-                ),
-            ));
-        }
+        self.dims().check(false)?;
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {
                 return Err(Error::config(
@@ -201,13 +175,6 @@ impl Architecture for Qwen2Architecture {
 
     fn hf_architectures(&self) -> &'static [&'static str] {
         &["Qwen2ForCausalLM"]
-    }
-
-    fn parse_config(&self, config: &HfConfig) -> Result<Qwen2Config> {
-        let mut parsed: Qwen2Config = config.parse()?;
-        parsed.num_key_value_heads = Some(parsed.kv_heads());
-        parsed.validate()?;
-        Ok(parsed)
     }
 
     fn weight_mapper(

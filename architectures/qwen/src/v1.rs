@@ -24,9 +24,7 @@ use mlx_zoo_core::cache::LayerKv;
 use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::nn::{causal_mask, embedding, linear, rms_norm, AttentionMask, Rope};
-use mlx_zoo_core::{
-    Architecture, CausalLm, Error, HfConfig, KvCache, ModelConfig, ModelDims, Result,
-};
+use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -139,17 +137,13 @@ impl QwenConfig {
 }
 
 impl ModelConfig for QwenConfig {
+    fn resolve_defaults(&mut self) {
+        self.kv_channels = Some(self.head_dim());
+    }
+
     fn validate(&self) -> Result<()> {
-        for (key, value) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("seq_length", self.seq_length),
-        ] {
-            if value == 0 {
-                return Err(Error::config(key, "must be positive"));
-            }
+        if self.seq_length == 0 {
+            return Err(Error::config("seq_length", "must be positive"));
         }
         if self.intermediate_size == 0 || self.intermediate_size % 2 != 0 {
             return Err(Error::config(
@@ -160,6 +154,7 @@ impl ModelConfig for QwenConfig {
                 ),
             ));
         }
+        self.dims().check(true)?;
         let rotary = self.rotary_dims();
         if rotary == 0 || rotary % 2 != 0 {
             return Err(Error::config(
@@ -457,13 +452,6 @@ impl Architecture for QwenArchitecture {
         &["QWenLMHeadModel"]
     }
 
-    fn parse_config(&self, config: &HfConfig) -> Result<QwenConfig> {
-        let mut parsed: QwenConfig = config.parse()?;
-        parsed.kv_channels = Some(parsed.head_dim());
-        parsed.validate()?;
-        Ok(parsed)
-    }
-
     fn weight_mapper(
         &self,
         config: &QwenConfig,
@@ -506,6 +494,7 @@ impl Architecture for QwenArchitecture {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mlx_zoo_core::HfConfig;
 
     fn config(seq_length: usize) -> QwenConfig {
         HfConfig::from_value(serde_json::json!({"model_type": "qwen", "seq_length": seq_length}))

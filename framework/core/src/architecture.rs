@@ -75,6 +75,10 @@ pub fn detect_by_names(
 pub trait ModelConfig:
     Serialize + DeserializeOwned + std::fmt::Debug + Clone + Send + Sync + 'static
 {
+    /// Fills keys whose defaults depend on other keys (`head_dim` from the
+    /// width, key/value heads from the query heads), so the parsed config
+    /// states every value it runs with. Called before [`validate`](Self::validate).
+    fn resolve_defaults(&mut self) {}
     /// Checks values serde cannot (divisibility, ranges), naming the key.
     fn validate(&self) -> Result<()>;
     /// The model's dimensions.
@@ -100,9 +104,10 @@ pub trait Architecture: Send + Sync + 'static {
         detect_by_names(self.model_types(), self.hf_architectures(), config)
     }
 
-    /// Parses and validates the typed config.
+    /// Parses the typed config, resolves dependent defaults and validates.
     fn parse_config(&self, config: &HfConfig) -> Result<Self::Config> {
-        let parsed: Self::Config = config.parse()?;
+        let mut parsed: Self::Config = config.parse()?;
+        parsed.resolve_defaults();
         parsed.validate()?;
         Ok(parsed)
     }

@@ -4,7 +4,7 @@
 //! work on it), and the model's dimensions.
 
 use crate::cache::KvCache;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use mlx_rs::module::ModuleParameters;
 use mlx_rs::Array;
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,47 @@ pub struct ModelDims {
     pub intermediate_size: usize,
     /// Context length the model was configured for.
     pub max_position_embeddings: usize,
+}
+
+impl ModelDims {
+    /// The checks every decoder's config needs, each naming its config key:
+    /// sizes are positive, key/value heads divide query heads, heads divide
+    /// the width (unless `head_dim` was given explicitly) and the head is
+    /// even (rotary embeddings rotate pairs).
+    pub fn check(&self, explicit_head_dim: bool) -> Result<()> {
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if value == 0 {
+                return Err(Error::config(key, "must be positive"));
+            }
+        }
+        if !explicit_head_dim && self.hidden_size % self.num_heads != 0 {
+            return Err(Error::config(
+                "hidden_size",
+                format!(
+                    "{} is not divisible by num_attention_heads ({}) and no head_dim is given",
+                    self.hidden_size, self.num_heads
+                ),
+            ));
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(Error::config(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads ({})",
+                    self.num_kv_heads, self.num_heads
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A causal language model.
