@@ -171,27 +171,51 @@ fn check_window(window: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// The decoder of a Mistral-shaped config (no biases, one window for
+/// every layer), with or without experts.
+#[allow(clippy::too_many_arguments)]
+fn mistral_decoder(
+    dims: ModelDims,
+    rope_theta: f32,
+    rope_scaling: Option<&RopeScaling>,
+    sliding_window: Option<usize>,
+    rms_norm_eps: f32,
+    activation: Activation,
+    tie_word_embeddings: bool,
+    moe: Option<MoeConfig>,
+) -> Result<DecoderConfig> {
+    Ok(DecoderConfig {
+        rope: Rope::new(
+            dims.head_dim,
+            rope_theta,
+            rope_scaling,
+            dims.max_position_embeddings,
+        )?,
+        sliding_windows: vec![sliding_window; dims.num_layers],
+        dims,
+        rms_norm_eps,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        activation,
+        tie_word_embeddings,
+        moe,
+    })
+}
+
 impl MistralConfig {
     /// The decoder this config describes.
     pub fn decoder_config(&self) -> Result<DecoderConfig> {
-        let dims = self.dims();
-        Ok(DecoderConfig {
-            rope: Rope::new(
-                dims.head_dim,
-                self.rope_theta,
-                self.rope_scaling.as_ref(),
-                self.max_position_embeddings,
-            )?,
-            sliding_windows: vec![self.sliding_window; dims.num_layers],
-            dims,
-            rms_norm_eps: self.rms_norm_eps,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            activation: self.hidden_act,
-            tie_word_embeddings: self.tie_word_embeddings,
-            moe: None,
-        })
+        mistral_decoder(
+            self.dims(),
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+            self.sliding_window,
+            self.rms_norm_eps,
+            self.hidden_act,
+            self.tie_word_embeddings,
+            None,
+        )
     }
 }
 
@@ -223,28 +247,20 @@ impl ModelConfig for MistralConfig {
 impl MixtralConfig {
     /// The decoder this config describes: Mistral's, with experts.
     pub fn decoder_config(&self) -> Result<DecoderConfig> {
-        let dims = self.dims();
-        Ok(DecoderConfig {
-            rope: Rope::new(
-                dims.head_dim,
-                self.rope_theta,
-                self.rope_scaling.as_ref(),
-                self.max_position_embeddings,
-            )?,
-            sliding_windows: vec![self.sliding_window; dims.num_layers],
-            dims,
-            rms_norm_eps: self.rms_norm_eps,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            activation: self.hidden_act,
-            tie_word_embeddings: self.tie_word_embeddings,
-            moe: Some(MoeConfig {
+        mistral_decoder(
+            self.dims(),
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+            self.sliding_window,
+            self.rms_norm_eps,
+            self.hidden_act,
+            self.tie_word_embeddings,
+            Some(MoeConfig {
                 experts: self.num_local_experts,
                 top_k: self.num_experts_per_tok,
                 normalize_top_k: true,
             }),
-        })
+        )
     }
 }
 
