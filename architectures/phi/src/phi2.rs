@@ -246,7 +246,7 @@ impl CausalLm for Phi {
             x = x + attended + fed;
         }
         let x = self.model.final_layernorm.forward(&x).context(ctx)?;
-        self.lm_head.forward(&x).context(ctx)
+        self.lm_head.forward(&x)
     }
 
     fn dims(&self) -> ModelDims {

@@ -18,12 +18,12 @@
 
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Module;
-use mlx_rs::nn::{Embedding, Linear, RmsNorm};
+use mlx_rs::nn::{Embedding, RmsNorm};
 use mlx_rs::Array;
 use mlx_zoo_core::cache::LayerKv;
 use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
-use mlx_zoo_core::nn::{causal_mask, embedding, linear, rms_norm, AttentionMask, Rope};
+use mlx_zoo_core::nn::{causal_mask, embedding, linear, rms_norm, AttentionMask, Linear, Rope};
 use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -320,7 +320,7 @@ fn attention(
     let ctx = || "computing Qwen attention".to_owned();
     let (batch, seq) = (x.shape()[0], x.shape()[1]);
     let (heads, head_dim) = (dims.num_heads as i32, dims.head_dim as i32);
-    let fused = block.c_attn.forward(x).context(ctx)?;
+    let fused = block.c_attn.forward(x)?;
     let parts = mlx_rs::ops::split_equal(&fused, 3, -1).context(ctx)?;
     let to_heads = |t: &Array| {
         t.reshape(&[batch, seq, heads, head_dim])
@@ -362,7 +362,7 @@ fn attention(
         .transpose_axes(&[0, 2, 1, 3])
         .and_then(|o| o.reshape(&[batch, seq, heads * head_dim]))
         .context(ctx)?;
-    block.c_proj.forward(&output).context(ctx)
+    block.c_proj.forward(&output)
 }
 
 impl CausalLm for Qwen {
@@ -396,14 +396,13 @@ impl CausalLm for Qwen {
                 &dims,
             )?;
             let normed = block.ln_2.forward(&h).context(ctx)?;
-            let up = block.mlp.w1.forward(&normed).context(ctx)?;
-            let gate =
-                mlx_rs::nn::silu(block.mlp.w2.forward(&normed).context(ctx)?).context(ctx)?;
-            h += block.mlp.c_proj.forward(&(up * gate)).context(ctx)?;
+            let up = block.mlp.w1.forward(&normed)?;
+            let gate = mlx_rs::nn::silu(block.mlp.w2.forward(&normed)?).context(ctx)?;
+            h += block.mlp.c_proj.forward(&(up * gate))?;
         }
         let h = self.transformer.ln_f.forward(&h).context(ctx)?;
         match &mut self.lm_head {
-            Some(head) => head.forward(&h).context(ctx),
+            Some(head) => head.forward(&h),
             None => self.transformer.wte.as_linear(&h).context(ctx),
         }
     }

@@ -15,6 +15,37 @@ pub struct QuantSettings {
     pub group_size: usize,
 }
 
+/// Bit widths MLX's affine kernels support.
+pub const AFFINE_BITS: &[u8] = &[2, 3, 4, 5, 6, 8];
+/// Group sizes MLX's affine kernels support.
+pub const AFFINE_GROUP_SIZES: &[usize] = &[32, 64, 128];
+
+impl QuantSettings {
+    /// Checks the settings against MLX's affine kernels and a layer with
+    /// `input` features.
+    pub fn check_input(&self, input: usize) -> Result<()> {
+        if !AFFINE_BITS.contains(&self.bits) {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "{} bits is not supported; expected one of {AFFINE_BITS:?}",
+                self.bits
+            )));
+        }
+        if !AFFINE_GROUP_SIZES.contains(&self.group_size) {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "group size {} is not supported; expected one of {AFFINE_GROUP_SIZES:?}",
+                self.group_size
+            )));
+        }
+        if input % self.group_size != 0 {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "{input} input features do not divide into groups of {}",
+                self.group_size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A quantized weight in MLX's layout: packed `uint32` words plus per-group
 /// scales and, for affine schemes, biases.
 #[derive(Debug, Clone)]

@@ -2,14 +2,14 @@
 //! than query heads), rotary embeddings and an optional KV cache, on MLX's
 //! fused scaled-dot-product attention.
 
-use super::layers::{layer_norm, linear, LayerNorm};
+use super::layers::{layer_norm, LayerNorm};
+use super::linear::{linear, Linear};
 use super::rope::Rope;
 use crate::cache::LayerKv;
 use crate::error::{Error, MlxContext, Result};
 use mlx_rs::fast::ScaledDotProductAttentionMask;
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Module;
-use mlx_rs::nn::Linear;
 use mlx_rs::Array;
 
 /// Shape and options of an attention block.
@@ -125,9 +125,9 @@ impl Attention {
                 .and_then(|t| t.transpose_axes(&[0, 2, 1, 3]))
         };
         let ctx = || "computing attention".to_owned();
-        let queries = heads(self.q_proj.forward(x).context(ctx)?, self.num_heads).context(ctx)?;
-        let keys = heads(self.k_proj.forward(x).context(ctx)?, self.num_kv_heads).context(ctx)?;
-        let values = heads(self.v_proj.forward(x).context(ctx)?, self.num_kv_heads).context(ctx)?;
+        let queries = heads(self.q_proj.forward(x)?, self.num_heads).context(ctx)?;
+        let keys = heads(self.k_proj.forward(x)?, self.num_kv_heads).context(ctx)?;
+        let values = heads(self.v_proj.forward(x)?, self.num_kv_heads).context(ctx)?;
 
         let queries = match &mut self.q_layernorm {
             Some(norm) => norm.forward(&queries).context(ctx)?,
@@ -171,6 +171,6 @@ impl Attention {
             .transpose_axes(&[0, 2, 1, 3])
             .and_then(|o| o.reshape(&[batch, seq, self.num_heads * self.head_dim]))
             .context(ctx)?;
-        self.o_proj.forward(&output).context(ctx)
+        self.o_proj.forward(&output)
     }
 }

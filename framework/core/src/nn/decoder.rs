@@ -10,7 +10,8 @@
 //! it maps Hugging Face checkpoints mostly by keeping names.
 
 use super::attention::{Attention, AttentionConfig};
-use super::layers::{embedding, linear, rms_norm, Embedding, Linear, RmsNorm};
+use super::layers::{embedding, rms_norm, Embedding, RmsNorm};
+use super::linear::{linear, Linear};
 use super::mask::causal_mask;
 use super::mlp::{Activation, SwiGlu};
 use super::moe::SparseMoe;
@@ -205,7 +206,7 @@ impl CausalLm for Decoder {
         }
         let h = self.model.norm.forward(&h).context(ctx)?;
         match &mut self.lm_head {
-            Some(head) => head.forward(&h).context(ctx),
+            Some(head) => head.forward(&h),
             None => self.model.embed_tokens.as_linear(&h).context(ctx),
         }
     }

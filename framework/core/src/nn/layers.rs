@@ -6,19 +6,10 @@ use crate::error::{MlxContext, Result};
 use mlx_rs::module::Param;
 use mlx_rs::Array;
 
-pub use mlx_rs::nn::{Embedding, LayerNorm, Linear, RmsNorm};
+pub use mlx_rs::nn::{Embedding, LayerNorm, RmsNorm};
 
 fn zeros(shape: &[i32]) -> Result<Array> {
     mlx_rs::ops::zeros::<f32>(shape).context(|| format!("allocating a {shape:?} parameter"))
-}
-
-/// A `Linear` layer of `input` -> `output` features, with or without bias.
-pub fn linear(input: usize, output: usize, bias: bool) -> Result<Linear> {
-    let (input, output) = (input as i32, output as i32);
-    Ok(Linear {
-        weight: Param::new(zeros(&[output, input])?),
-        bias: Param::new(if bias { Some(zeros(&[output])?) } else { None }),
-    })
 }
 
 /// An `RmsNorm` over `dims` features.

@@ -2,11 +2,9 @@
 //! most of its descendants) and the two-layer GELU MLP (`fc2(gelu(fc1(x)))`,
 //! Phi-2).
 
-use super::layers::linear;
+use super::linear::{linear, Linear};
 use crate::error::{Error, MlxContext, Result};
 use mlx_rs::macros::ModuleParameters;
-use mlx_rs::module::Module;
-use mlx_rs::nn::Linear;
 use mlx_rs::Array;
 use serde::{Deserialize, Serialize};
 
@@ -78,12 +76,9 @@ impl SwiGlu {
 
     /// Applies the block.
     pub fn forward(&mut self, x: &Array) -> Result<Array> {
-        let ctx = || "computing the MLP".to_owned();
-        let gate = self
-            .activation
-            .apply(&self.gate_proj.forward(x).context(ctx)?)?;
-        let up = self.up_proj.forward(x).context(ctx)?;
-        self.down_proj.forward(&(gate * up)).context(ctx)
+        let gate = self.activation.apply(&self.gate_proj.forward(x)?)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up))
     }
 }
 
@@ -111,8 +106,7 @@ impl GeluMlp {
 
     /// Applies the block.
     pub fn forward(&mut self, x: &Array) -> Result<Array> {
-        let ctx = || "computing the MLP".to_owned();
-        let hidden = self.activation.apply(&self.fc1.forward(x).context(ctx)?)?;
-        self.fc2.forward(&hidden).context(ctx)
+        let hidden = self.activation.apply(&self.fc1.forward(x)?)?;
+        self.fc2.forward(&hidden)
     }
 }

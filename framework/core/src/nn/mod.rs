@@ -6,6 +6,7 @@
 mod attention;
 mod decoder;
 mod layers;
+mod linear;
 mod mask;
 mod mlp;
 mod moe;
@@ -15,7 +16,8 @@ pub use attention::{Attention, AttentionConfig, AttentionMask};
 pub use decoder::{
     decoder_rules, output_rules, Decoder, DecoderBlock, DecoderConfig, DecoderStack, MoeConfig,
 };
-pub use layers::{embedding, layer_norm, linear, rms_norm, Embedding, LayerNorm, Linear, RmsNorm};
+pub use layers::{embedding, layer_norm, rms_norm, Embedding, LayerNorm, RmsNorm};
+pub use linear::{dequantize_rows, linear, set_dequantize_rows, Linear};
 pub use mask::causal_mask;
 pub use mlp::{Activation, GeluMlp, SwiGlu};
 pub use moe::{SparseMoe, SwitchGlu};

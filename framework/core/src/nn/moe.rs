@@ -4,12 +4,11 @@
 //! Expert weights are stacked along a leading expert axis and applied with
 //! MLX's `gather_mm`, so only the chosen experts are computed.
 
-use super::layers::linear;
+use super::linear::{linear, Linear};
 use super::mlp::Activation;
 use crate::error::{Error, MlxContext, Result};
 use mlx_rs::macros::ModuleParameters;
-use mlx_rs::module::{Module, Param};
-use mlx_rs::nn::Linear;
+use mlx_rs::module::Param;
 use mlx_rs::Array;
 
 /// A linear layer per expert: weight `[experts, output, input]`.
@@ -133,7 +132,7 @@ impl SparseMoe {
         let shape = x.shape().to_vec();
         let hidden = shape[shape.len() - 1];
         let flat = x.reshape(&[-1, hidden]).context(ctx)?;
-        let logits = self.gate.forward(&flat).context(ctx)?;
+        let logits = self.gate.forward(&flat)?;
         let probs = mlx_rs::ops::softmax_axis(
             &logits.as_dtype(mlx_rs::Dtype::Float32).context(ctx)?,
             -1,

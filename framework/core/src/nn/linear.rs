@@ -1,0 +1,243 @@
+//! The linear layer every family uses. Its weight is either floating point
+//! (`[out, in]`) or quantized in MLX's affine group-wise layout: `weight`
+//! packed into `uint32` words (`[out, in * bits / 32]`), one `scales` and one
+//! `biases` entry per group of `group_size` inputs (`[out, in / group]`),
+//! which is how mlx-lm names and stores a quantized linear layer.
+//!
+//! On the CPU, MLX's quantized matmul is far slower than de-quantizing the
+//! weight and running the float matmul through BLAS once a call has more
+//! than a few rows; [`Linear::forward`] picks the faster path per call (see
+//! [`set_dequantize_rows`]), so quantization keeps its memory win without
+//! its CPU speed loss.
+
+use crate::error::{Error, MlxContext, Result};
+use crate::quantize::QuantSettings;
+use mlx_rs::macros::ModuleParameters;
+use mlx_rs::module::Param;
+use mlx_rs::Array;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Calls with at least this many rows de-quantize then use the float
+/// matmul; fewer rows use MLX's quantized matmul.
+static DEQUANTIZE_ROWS: AtomicUsize = AtomicUsize::new(2);
+
+/// Sets the row count from which quantized layers de-quantize their weight
+/// and use the float matmul (`usize::MAX`: never; `0`: always).
+pub fn set_dequantize_rows(rows: usize) {
+    DEQUANTIZE_ROWS.store(rows, Ordering::Relaxed);
+}
+
+/// The current threshold of [`set_dequantize_rows`].
+pub fn dequantize_rows() -> usize {
+    DEQUANTIZE_ROWS.load(Ordering::Relaxed)
+}
+
+/// A linear layer, float or affine-quantized.
+#[derive(Debug, Clone, ModuleParameters)]
+pub struct Linear {
+    /// `[out, in]` floats, or `[out, in * bits / 32]` packed `uint32`.
+    #[param]
+    pub weight: Param<Array>,
+    /// Optional `[out]` bias.
+    #[param]
+    pub bias: Param<Option<Array>>,
+    /// Per-group scales when quantized.
+    #[param]
+    pub scales: Param<Option<Array>>,
+    /// Per-group offsets when quantized.
+    #[param]
+    pub biases: Param<Option<Array>>,
+    /// The quantization of `weight`, if any.
+    pub quantization: Option<QuantSettings>,
+}
+
+/// A float layer of `input` -> `output` features whose weights start as
+/// (lazy) zeros, to be loaded.
+pub fn linear(input: usize, output: usize, bias: bool) -> Result<Linear> {
+    let zeros = |shape: &[i32]| {
+        mlx_rs::ops::zeros::<f32>(shape).context(|| format!("allocating a {shape:?} parameter"))
+    };
+    Ok(Linear {
+        weight: Param::new(zeros(&[output as i32, input as i32])?),
+        bias: Param::new(if bias {
+            Some(zeros(&[output as i32])?)
+        } else {
+            None
+        }),
+        scales: Param::new(None),
+        biases: Param::new(None),
+        quantization: None,
+    })
+}
+
+impl Linear {
+    /// Output features.
+    pub fn output_dims(&self) -> usize {
+        self.weight.as_ref().shape()[0] as usize
+    }
+
+    /// Input features.
+    pub fn input_dims(&self) -> usize {
+        let stored = self.weight.as_ref().shape()[1] as usize;
+        match self.quantization {
+            Some(q) => stored * 32 / q.bits as usize,
+            None => stored,
+        }
+    }
+
+    /// Whether the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.quantization.is_some()
+    }
+
+    /// The weight as floats (de-quantized when needed).
+    pub fn float_weight(&self) -> Result<Array> {
+        match self.quantization {
+            None => Ok(self.weight.as_ref().clone()),
+            Some(q) => mlx_rs::ops::dequantize(
+                self.weight.as_ref(),
+                self.scales_array()?,
+                self.biases.as_ref().as_ref(),
+                q.group_size as i32,
+                q.bits as i32,
+            )
+            .context(|| "de-quantizing a weight".into()),
+        }
+    }
+
+    fn scales_array(&self) -> Result<&Array> {
+        self.scales
+            .as_ref()
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("a quantized layer has no scales".into()))
+    }
+
+    /// Replaces the float weight by its quantization with MLX's affine
+    /// scheme. The input size must divide by the group size.
+    pub fn quantize(&mut self, settings: QuantSettings) -> Result<()> {
+        if self.is_quantized() {
+            return Err(Error::InvalidArgument(
+                "the layer is already quantized".into(),
+            ));
+        }
+        let input = self.input_dims();
+        settings.check_input(input)?;
+        let (packed, scales, biases) = mlx_rs::ops::quantize(
+            self.weight.as_ref(),
+            settings.group_size as i32,
+            settings.bits as i32,
+        )
+        .context(|| format!("quantizing a [{}, {input}] weight", self.output_dims()))?;
+        self.set_quantized(packed, scales, Some(biases), settings);
+        Ok(())
+    }
+
+    /// Installs an already quantized weight.
+    pub fn set_quantized(
+        &mut self,
+        packed: Array,
+        scales: Array,
+        biases: Option<Array>,
+        settings: QuantSettings,
+    ) {
+        self.weight = Param::new(packed);
+        self.scales = Param::new(Some(scales));
+        self.biases = Param::new(biases);
+        self.quantization = Some(settings);
+    }
+
+    /// Turns the layer into a quantized one with zero placeholders of the
+    /// right shapes, to be filled from a quantized checkpoint.
+    pub fn quantized_placeholder(&mut self, settings: QuantSettings) -> Result<()> {
+        let (output, input) = (self.output_dims() as i32, self.input_dims());
+        settings.check_input(input)?;
+        let packed_cols = (input * settings.bits as usize / 32) as i32;
+        let groups = (input / settings.group_size) as i32;
+        let ctx = || "allocating quantized placeholders".to_owned();
+        let packed = mlx_rs::ops::zeros::<u32>(&[output, packed_cols]).context(ctx)?;
+        let scales = mlx_rs::ops::zeros::<f32>(&[output, groups]).context(ctx)?;
+        let biases = mlx_rs::ops::zeros::<f32>(&[output, groups]).context(ctx)?;
+        self.set_quantized(packed, scales, Some(biases), settings);
+        Ok(())
+    }
+
+    /// `x @ weight.T + bias`.
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let ctx = || "applying a linear layer".to_owned();
+        let output = match self.quantization {
+            None => mlx_rs::ops::matmul(x, self.weight.as_ref().t()).context(ctx)?,
+            Some(q) => {
+                let rows: i32 = x.shape()[..x.ndim() - 1].iter().product();
+                if rows as usize >= dequantize_rows() {
+                    let weight = self.float_weight()?.as_dtype(x.dtype()).context(ctx)?;
+                    mlx_rs::ops::matmul(x, weight.t()).context(ctx)?
+                } else {
+                    mlx_rs::ops::quantized_matmul(
+                        x,
+                        self.weight.as_ref(),
+                        self.scales_array()?,
+                        self.biases.as_ref().as_ref(),
+                        true,
+                        q.group_size as i32,
+                        q.bits as i32,
+                    )
+                    .context(ctx)?
+                }
+            }
+        };
+        match self.bias.as_ref() {
+            Some(bias) => output.add(bias).context(ctx),
+            None => Ok(output),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantized_forward_paths_agree() {
+        let key = mlx_rs::random::key(7).unwrap();
+        let w = mlx_rs::random::normal::<f32>(&[16, 64], None, None, &key).unwrap();
+        let x = mlx_rs::random::normal::<f32>(&[3, 64], None, None, &key).unwrap();
+        let mut layer = linear(64, 16, false).unwrap();
+        layer.weight = Param::new(w.clone());
+        let float = layer.forward(&x).unwrap();
+        layer
+            .quantize(QuantSettings {
+                bits: 8,
+                group_size: 32,
+            })
+            .unwrap();
+        assert_eq!(layer.input_dims(), 64);
+        set_dequantize_rows(usize::MAX);
+        let via_qmm = layer.forward(&x).unwrap();
+        set_dequantize_rows(0);
+        let via_dequant = layer.forward(&x).unwrap();
+        set_dequantize_rows(2);
+        let diff = |a: &Array, b: &Array| {
+            a.as_slice::<f32>()
+                .iter()
+                .zip(b.as_slice::<f32>())
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max)
+        };
+        assert!(diff(&via_qmm, &via_dequant) < 1e-4);
+        // 8-bit groups of 32 stay close to, but are not, the float result.
+        let error = diff(&via_qmm, &float);
+        assert!(error < 0.3 && error > 0.0, "{error}");
+    }
+
+    #[test]
+    fn indivisible_input_is_refused() {
+        let mut layer = linear(48, 4, false).unwrap();
+        let err = layer
+            .quantize(QuantSettings {
+                bits: 4,
+                group_size: 32,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("48"), "{err}");
+    }
+}
