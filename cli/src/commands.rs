@@ -135,6 +135,13 @@ pub fn inspect(model: &Path, json: bool) -> Result<()> {
         d.intermediate_size, d.vocab_size, d.max_position_embeddings
     );
     println!("parameters    {}", inspection.parameters);
+    println!(
+        "weights       {} in the checkpoint",
+        bytes(inspection.weight_bytes as usize)
+    );
+    if let Some(q) = &inspection.quantization {
+        print_quantization(q);
+    }
     let files: Vec<String> = inspection
         .files
         .iter()
@@ -146,6 +153,104 @@ pub fn inspect(model: &Path, json: bool) -> Result<()> {
         .collect();
     println!("files         {}", files.join(", "));
     print_report(&inspection.report);
+    Ok(())
+}
+
+fn print_quantization(q: &mlx_zoo::quantize::QuantizationReport) {
+    let mut by_setting: std::collections::BTreeMap<(u8, usize), Vec<&str>> = Default::default();
+    for (layer, s) in &q.quantized {
+        by_setting
+            .entry((s.bits, s.group_size))
+            .or_default()
+            .push(layer);
+    }
+    println!(
+        "quantization  {} layers quantized, {} kept in full precision",
+        q.quantized.len(),
+        q.kept.len()
+    );
+    for ((bits, group), layers) in by_setting {
+        println!(
+            "    {bits} bits, group {group}: {} layers (e.g. {})",
+            layers.len(),
+            layers[0]
+        );
+    }
+    for (layer, reason) in &q.kept {
+        println!("    kept {layer}: {reason}");
+    }
+}
+
+/// Arguments of `zoo convert`.
+pub struct ConvertArgs {
+    pub model: std::path::PathBuf,
+    pub out: std::path::PathBuf,
+    pub q_bits: Option<u8>,
+    pub q_group_size: usize,
+    pub q_plan: Option<std::path::PathBuf>,
+    pub q_recipe: Option<String>,
+    pub dtype: Option<String>,
+    pub max_shard_mib: u64,
+}
+
+/// `zoo convert`.
+pub fn convert(args: &ConvertArgs) -> Result<()> {
+    use mlx_zoo::quantize::{QuantPlan, QuantSettings};
+    let registry = registry()?;
+    let plan = if let Some(path) = &args.q_plan {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Some(QuantPlan::from_json(&text, &path.display().to_string())?)
+    } else if let Some(recipe) = &args.q_recipe {
+        let layers = loader::inspect(&registry, &args.model)
+            .with_context(|| format!("inspecting {}", args.model.display()))?
+            .dims
+            .num_layers;
+        Some(QuantPlan::recipe(recipe, args.q_group_size, layers)?)
+    } else {
+        args.q_bits.map(|bits| {
+            QuantPlan::uniform(QuantSettings {
+                bits,
+                group_size: args.q_group_size,
+            })
+        })
+    };
+    let dtype = args
+        .dtype
+        .as_deref()
+        .map(str::parse::<ComputeDtype>)
+        .transpose()?;
+    let started = std::time::Instant::now();
+    let loaded = loader::load(
+        &registry,
+        &args.model,
+        &LoadOptions {
+            quantize: plan,
+            ..LoadOptions::default()
+        },
+    )
+    .with_context(|| format!("loading {}", args.model.display()))?;
+    let options = mlx_zoo::export::SaveOptions {
+        dtype,
+        max_shard_bytes: args.max_shard_mib << 20,
+    };
+    let files = mlx_zoo::export::save_mlx_model(&loaded, &args.model, &args.out, &options)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    if !loaded.quantization.quantized.is_empty() {
+        print_quantization(&loaded.quantization);
+    }
+    let total: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "wrote {} files ({}) to {} in {:.1} s",
+        files.len(),
+        bytes(total as usize),
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -201,6 +306,7 @@ pub fn logits(
     let options = LoadOptions {
         dtype,
         allow_unclean,
+        quantize: None,
     };
     let mut loaded = loader::load(&registry()?, model, &options)
         .with_context(|| format!("loading {}", model.display()))?;

@@ -62,6 +62,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write MODEL as an MLX-format model (the layout mlx-lm reads),
+    /// optionally quantized.
+    ///
+    /// Examples: zoo convert ./TinyLlama --out ./tiny-q4 --q-bits 4 --q-group-size 64
+    ///           zoo convert ./TinyLlama --out ./tiny-mixed --q-recipe mixed-4-6
+    ///           zoo convert ./TinyLlama --out ./tiny-plan --q-plan plan.json --dtype f16
+    Convert {
+        /// A model directory (config.json + safetensors).
+        model: PathBuf,
+        /// The output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Quantize every linear layer to this many bits (2, 3, 4, 5, 6, 8).
+        #[arg(long)]
+        q_bits: Option<u8>,
+        /// Inputs per quantization group (32, 64, 128).
+        #[arg(long, default_value_t = 64)]
+        q_group_size: usize,
+        /// A plan file: {"default": {"bits": 4, "group_size": 64}, "rules": [{"pattern": "layers.0-3.mlp", "bits": 8}, {"pattern": "lm_head", "keep": true}]}.
+        #[arg(long, conflicts_with_all = ["q_bits", "q_recipe"])]
+        q_plan: Option<PathBuf>,
+        /// A ready-made mixed recipe: mixed-4-6, mixed-3-6, mixed-2-6.
+        #[arg(long, conflicts_with = "q_bits")]
+        q_recipe: Option<String>,
+        /// Store float tensors as f32, f16 or bf16 (default: as loaded, f32).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Start a new shard above this many MiB.
+        #[arg(long, default_value_t = 5120)]
+        max_shard_mib: u64,
+    },
     /// Compute logits for token ids and write them as a float32 .npy of
     /// shape [batch, seq, vocab].
     ///
@@ -109,6 +140,25 @@ fn main() -> ExitCode {
         Command::Archs { json } => commands::archs(json),
         Command::Info { json } => commands::info(json),
         Command::Inspect { model, json } => commands::inspect(&model, json),
+        Command::Convert {
+            model,
+            out,
+            q_bits,
+            q_group_size,
+            q_plan,
+            q_recipe,
+            dtype,
+            max_shard_mib,
+        } => commands::convert(&commands::ConvertArgs {
+            model,
+            out,
+            q_bits,
+            q_group_size,
+            q_plan,
+            q_recipe,
+            dtype,
+            max_shard_mib,
+        }),
         Command::Logits {
             model,
             tokens,

@@ -13,6 +13,7 @@ use mlx_rs::module::Module;
 use mlx_rs::Array;
 use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
+use mlx_zoo_core::model::LinearVisitor;
 use mlx_zoo_core::nn::{
     causal_mask, embedding, layer_norm, linear, Activation, Attention, AttentionConfig, Embedding,
     GeluMlp, LayerNorm, Linear, Rope, RopeScaling,
@@ -251,6 +252,17 @@ impl CausalLm for Phi {
 
     fn dims(&self) -> ModelDims {
         self.dims.clone()
+    }
+
+    fn visit_linears(&mut self, visit: &mut LinearVisitor<'_>) -> Result<()> {
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            layer
+                .self_attn
+                .visit_linears(&format!("{prefix}.self_attn"), visit)?;
+            layer.mlp.visit_linears(&format!("{prefix}.mlp"), visit)?;
+        }
+        visit("lm_head", &mut self.lm_head)
     }
 }
 

@@ -23,6 +23,7 @@ use mlx_rs::Array;
 use mlx_zoo_core::cache::LayerKv;
 use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
+use mlx_zoo_core::model::LinearVisitor;
 use mlx_zoo_core::nn::{causal_mask, embedding, linear, rms_norm, AttentionMask, Linear, Rope};
 use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
@@ -409,6 +410,21 @@ impl CausalLm for Qwen {
 
     fn dims(&self) -> ModelDims {
         self.config.dims()
+    }
+
+    fn visit_linears(&mut self, visit: &mut LinearVisitor<'_>) -> Result<()> {
+        for (i, block) in self.transformer.h.iter_mut().enumerate() {
+            let prefix = format!("transformer.h.{i}");
+            visit(&format!("{prefix}.attn.c_attn"), &mut block.attn.c_attn)?;
+            visit(&format!("{prefix}.attn.c_proj"), &mut block.attn.c_proj)?;
+            visit(&format!("{prefix}.mlp.w1"), &mut block.mlp.w1)?;
+            visit(&format!("{prefix}.mlp.w2"), &mut block.mlp.w2)?;
+            visit(&format!("{prefix}.mlp.c_proj"), &mut block.mlp.c_proj)?;
+        }
+        if let Some(head) = &mut self.lm_head {
+            visit("lm_head", head)?;
+        }
+        Ok(())
     }
 }
 

@@ -226,6 +226,33 @@ impl Checkpoint {
             .collect()
     }
 
+    /// Loads `name` into MLX in its stored dtype (packed quantized weights
+    /// are `U32`).
+    pub fn load_raw(&self, name: &str) -> Result<Array> {
+        let location = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::Mapping(format!("tensor {name} is not in the checkpoint")))?;
+        let shard = &self.shards[location.shard];
+        let dtype = match location.meta.dtype.as_str() {
+            "U32" => Dtype::Uint32,
+            "F32" => Dtype::Float32,
+            "F16" => Dtype::Float16,
+            "BF16" => Dtype::Bfloat16,
+            other => {
+                return Err(Error::UnsupportedDtype {
+                    path: shard.path.clone(),
+                    tensor: name.to_owned(),
+                    dtype: other.to_owned(),
+                })
+            }
+        };
+        let bytes = &shard.map[location.start..location.end];
+        let shape: Vec<i32> = location.meta.shape.iter().map(|&d| d as i32).collect();
+        // Safety: as in `load`.
+        Ok(unsafe { Array::from_raw_data(bytes.as_ptr().cast(), &shape, dtype) })
+    }
+
     /// Loads `name` into MLX, cast to `dtype`.
     pub fn load(&self, name: &str, dtype: Dtype) -> Result<Array> {
         let location = self

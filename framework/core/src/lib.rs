@@ -24,6 +24,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod loader;
 pub mod mapping;
 pub mod model;

@@ -10,6 +10,8 @@ use crate::config::HfConfig;
 use crate::error::{Error, MlxContext, Result};
 use crate::mapping::{MappingReport, WeightMapper};
 use crate::model::{CausalLm, ModelDims};
+use crate::quantize::apply::{plan_from_config_block, QuantizeMode};
+use crate::quantize::{quantize_model, QuantPlan, QuantizationReport};
 use crate::registry::{Candidate, Registry};
 use mlx_rs::module::ModuleParameters;
 use mlx_rs::{Array, Dtype};
@@ -63,6 +65,8 @@ pub struct LoadOptions {
     /// Load even when tensors are missing, unexpected or mis-shaped
     /// (missing parameters keep their zero placeholders).
     pub allow_unclean: bool,
+    /// Quantize the loaded float weights with this plan.
+    pub quantize: Option<QuantPlan>,
 }
 
 /// What `inspect` finds out without loading tensor data.
@@ -84,6 +88,11 @@ pub struct Inspection {
     pub parameters: u64,
     /// Checkpoint files.
     pub files: Vec<PathBuf>,
+    /// Bytes of tensor data in the checkpoint.
+    pub weight_bytes: u64,
+    /// How the checkpoint's layers are quantized, if it is an MLX-format
+    /// quantized checkpoint.
+    pub quantization: Option<QuantizationReport>,
     /// The mapping report.
     pub report: MappingReport,
 }
@@ -98,6 +107,10 @@ pub struct LoadedModel {
     pub report: MappingReport,
     /// The typed config with defaults filled in.
     pub config: serde_json::Value,
+    /// The raw `config.json`, to write next to exported weights.
+    pub source_config: serde_json::Map<String, serde_json::Value>,
+    /// How the linear layers are quantized (empty when none is).
+    pub quantization: QuantizationReport,
     mapper: Box<dyn WeightMapper>,
 }
 
@@ -132,6 +145,52 @@ struct Opened {
     candidates: Vec<Candidate>,
     prepared: Prepared,
     checkpoint: Checkpoint,
+    config: HfConfig,
+    never_quantize: Vec<String>,
+    /// The plan recorded by an MLX-format quantized checkpoint.
+    stored_quantization: Option<QuantPlan>,
+}
+
+impl Opened {
+    /// Builds the model, shaped for the checkpoint's quantization if any.
+    fn build(&self) -> Result<(Box<dyn CausalLm>, Option<QuantizationReport>)> {
+        let mut model = self.prepared.build()?;
+        let report = match &self.stored_quantization {
+            Some(plan) => {
+                let never: Vec<&str> = self.never_quantize.iter().map(String::as_str).collect();
+                Some(quantize_model(
+                    model.as_mut(),
+                    plan,
+                    &never,
+                    QuantizeMode::Placeholders,
+                )?)
+            }
+            None => None,
+        };
+        Ok((model, report))
+    }
+}
+
+/// The quantization an MLX-format `config.json` records, refusing formats
+/// this crate cannot read yet.
+fn stored_quantization(config: &HfConfig) -> Result<Option<QuantPlan>> {
+    let raw = config.raw();
+    if let Some(block) = raw.get("quantization") {
+        return plan_from_config_block(block).map(Some);
+    }
+    if let Some(block) = raw.get("quantization_config") {
+        if let Some(method) = block
+            .get("quant_method")
+            .and_then(serde_json::Value::as_str)
+        {
+            return Err(Error::config(
+                "quantization_config.quant_method",
+                format!("{method:?} checkpoints cannot be loaded yet; expected an MLX-format model (`quantization` with bits and group_size)"),
+            ));
+        }
+        return plan_from_config_block(block).map(Some);
+    }
+    Ok(None)
 }
 
 fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
@@ -144,14 +203,18 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
     let config = HfConfig::from_file(&dir.join("config.json"))?;
     let resolution = registry.resolve(&config)?;
     let prepared = resolution.prepare(&config)?;
+    let stored_quantization = stored_quantization(&config)?;
     let checkpoint = Checkpoint::open(dir)?;
     Ok(Opened {
         dir: dir.to_path_buf(),
         architecture: resolution.architecture.name().to_owned(),
         reason: resolution.reason,
         candidates: resolution.candidates,
+        never_quantize: resolution.architecture.info().never_quantize,
         prepared,
         checkpoint,
+        config,
+        stored_quantization,
     })
 }
 
@@ -167,13 +230,22 @@ fn expected_shapes(model: &dyn CausalLm) -> BTreeMap<String, Vec<i64>> {
 /// Resolves and maps the model in `dir` without loading tensor data.
 pub fn inspect(registry: &Registry, dir: &Path) -> Result<Inspection> {
     let opened = open(registry, dir)?;
-    let model = opened.prepared.build()?;
+    // Parameters are counted on the float model (lazy zeros cost nothing).
+    let parameters = expected_shapes(opened.prepared.build()?.as_ref())
+        .values()
+        .map(|s| s.iter().product::<i64>() as u64)
+        .sum();
+    let (model, quantization) = opened.build()?;
     let expected = expected_shapes(model.as_ref());
     let tensors = opened.checkpoint.tensors();
     let plan = opened
         .prepared
         .weight_mapper(&tensors)
         .plan(&tensors, &expected);
+    let weight_bytes = tensors
+        .values()
+        .map(|t| t.shape.iter().product::<i64>() as u64 * dtype_bytes(&t.dtype))
+        .sum();
     Ok(Inspection {
         dir: opened.dir,
         architecture: opened.architecture,
@@ -181,19 +253,27 @@ pub fn inspect(registry: &Registry, dir: &Path) -> Result<Inspection> {
         candidates: opened.candidates,
         config: opened.prepared.config.clone(),
         dims: opened.prepared.dims.clone(),
-        parameters: expected
-            .values()
-            .map(|s| s.iter().product::<i64>() as u64)
-            .sum(),
+        parameters,
         files: opened.checkpoint.files(),
+        weight_bytes,
+        quantization,
         report: plan.report,
     })
+}
+
+fn dtype_bytes(dtype: &str) -> u64 {
+    match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        _ => 1,
+    }
 }
 
 /// Loads the model in `dir`.
 pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<LoadedModel> {
     let opened = open(registry, dir)?;
-    let mut model = opened.prepared.build()?;
+    let (mut model, stored) = opened.build()?;
     let expected = expected_shapes(model.as_ref());
     let tensors = opened.checkpoint.tensors();
     let mapper = opened.prepared.weight_mapper(&tensors);
@@ -208,7 +288,15 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
         )));
     }
     let dtype = options.dtype.dtype();
-    let mut params = plan.execute(|name| opened.checkpoint.load(name, dtype))?;
+    // Packed quantized weights stay integers; everything else is cast.
+    let mut params = plan.execute(|name| {
+        let is_packed = tensors.get(name).is_some_and(|t| t.dtype == "U32");
+        if is_packed {
+            opened.checkpoint.load_raw(name)
+        } else {
+            opened.checkpoint.load(name, dtype)
+        }
+    })?;
     if options.allow_unclean {
         // Keep placeholders where the checkpoint's tensor has the wrong shape.
         params.retain(|name, value| {
@@ -229,11 +317,33 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
         .map(|(k, v)| (std::rc::Rc::<str>::from(k), v))
         .collect();
     model.update_flattened(flattened);
+    let quantization = match (&options.quantize, stored) {
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidArgument(format!(
+                "{} is already quantized; quantize its float original instead",
+                dir.display()
+            )))
+        }
+        (Some(plan), None) => {
+            let never: Vec<&str> = opened.never_quantize.iter().map(String::as_str).collect();
+            let report = quantize_model(model.as_mut(), plan, &never, QuantizeMode::Weights)?;
+            let values: Vec<Array> = model
+                .parameters()
+                .flatten()
+                .values()
+                .map(|v| (*v).clone())
+                .collect();
+            mlx_rs::transforms::eval(&values).context(|| "quantizing the weights".into())?;
+            report
+        }
+        (None, Some(report)) => report,
+        (None, None) => QuantizationReport::default(),
+    };
     if dtype != Dtype::Float32 {
         // Placeholders not filled from the checkpoint are float32 zeros.
         let mut cast = Vec::new();
         for (name, value) in model.parameters().flatten() {
-            if value.dtype() != dtype {
+            if value.dtype() != dtype && value.dtype() != Dtype::Uint32 {
                 cast.push((
                     name.clone(),
                     value
@@ -249,6 +359,8 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
         model,
         report: plan.report,
         config: opened.prepared.config,
+        source_config: opened.config.raw().clone(),
+        quantization,
         mapper,
     })
 }

@@ -31,6 +31,16 @@ pub struct ModelDims {
 }
 
 impl ModelDims {
+    /// Weights in the attention and MLP projections and the output head of
+    /// a dense decoder with these dimensions (no biases): what linear-layer
+    /// quantization applies to.
+    pub fn parameters_in_linears(&self) -> usize {
+        let attention =
+            self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads);
+        let mlp = 3 * self.hidden_size * self.intermediate_size;
+        self.num_layers * (attention + mlp) + self.vocab_size * self.hidden_size
+    }
+
     /// The checks every decoder's config needs, each naming its config key:
     /// sizes are positive, key/value heads divide query heads, heads divide
     /// the width (unless `head_dim` was given explicitly) and the head is
@@ -85,4 +95,12 @@ pub trait CausalLm: ModuleParameters + std::fmt::Debug {
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.dims().num_layers)
     }
+
+    /// Calls `visit` with the dotted path (as in parameter names, without
+    /// `.weight`) and the layer of every [`Linear`](crate::nn::Linear) the
+    /// model has, in a stable order. Quantizers and adapters work through it.
+    fn visit_linears(&mut self, visit: &mut LinearVisitor<'_>) -> Result<()>;
 }
+
+/// The callback of [`CausalLm::visit_linears`].
+pub type LinearVisitor<'a> = dyn FnMut(&str, &mut crate::nn::Linear) -> Result<()> + 'a;

@@ -4,7 +4,7 @@
 //! then turns checkpoint tensors into parameters; exporting reads the same
 //! rules backwards.
 
-use super::pattern::Captures;
+use super::pattern::{Captures, Pattern};
 use super::report::{Dropped, MappingReport, Renamed, ShapeMismatch, Tied, Transformed};
 use super::rules::{Rule, Transform};
 use super::{TensorMeta, WeightMapper};
@@ -160,6 +160,67 @@ impl MappingTable {
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
+
+    /// The rules plus, for every rule about a `.weight`, the same rule for
+    /// the `.scales` and `.biases` a quantized layer stores beside it: a
+    /// quantized weight's companions are renamed, split, stacked, permuted,
+    /// tied or dropped exactly as the weight is (their rows follow the
+    /// weight's rows).
+    fn effective_rules(&self) -> Vec<Rule> {
+        let mut rules = self.rules.clone();
+        for companion in [".scales", ".biases"] {
+            let swap = |p: &Pattern| {
+                p.as_str()
+                    .strip_suffix(".weight")
+                    .map(|stem| Pattern::new(&format!("{stem}{companion}")))
+            };
+            let swap_name = |n: &str| {
+                n.strip_suffix(".weight")
+                    .map(|stem| format!("{stem}{companion}"))
+            };
+            for rule in &self.rules {
+                let twin = match rule {
+                    Rule::Rename { from, to } => swap(from)
+                        .zip(swap(to))
+                        .map(|(from, to)| Rule::Rename { from, to }),
+                    Rule::Transform {
+                        from,
+                        to,
+                        transform,
+                    } => swap(from).zip(swap(to)).map(|(from, to)| Rule::Transform {
+                        from,
+                        to,
+                        transform: transform.clone(),
+                    }),
+                    Rule::Drop { pattern, reason } => swap(pattern).map(|pattern| Rule::Drop {
+                        pattern,
+                        reason: reason.clone(),
+                    }),
+                    Rule::Split { from, into, axis } => {
+                        let parts: Option<Vec<(Pattern, usize)>> =
+                            into.iter().map(|(p, n)| swap(p).map(|p| (p, *n))).collect();
+                        swap(from).zip(parts).map(|(from, into)| Rule::Split {
+                            from,
+                            into,
+                            axis: *axis,
+                        })
+                    }
+                    Rule::Stack { from, to, count } => {
+                        swap(from).zip(swap(to)).map(|(from, to)| Rule::Stack {
+                            from,
+                            to,
+                            count: *count,
+                        })
+                    }
+                    Rule::Tie { parameter, source } => swap_name(parameter)
+                        .zip(swap_name(source))
+                        .map(|(parameter, source)| Rule::Tie { parameter, source }),
+                };
+                rules.extend(twin);
+            }
+        }
+        rules
+    }
 }
 
 fn split_shape(shape: &[i64], axis: usize, size: usize) -> Vec<i64> {
@@ -182,10 +243,11 @@ impl WeightMapper for MappingTable {
         let mut produced: BTreeMap<String, (Vec<i64>, String)> = BTreeMap::new();
         // Stack groups: (rule index, target) -> expert -> checkpoint name.
         let mut stacks: BTreeMap<(usize, String), BTreeMap<usize, String>> = BTreeMap::new();
+        let rules = self.effective_rules();
 
         for (name, meta) in checkpoint {
             let mut matched = false;
-            for (index, rule) in self.rules.iter().enumerate() {
+            for (index, rule) in rules.iter().enumerate() {
                 let hit = match rule {
                     Rule::Rename { from, to } => from.matches(name).map(|c| {
                         let target = to.fill(&c);
@@ -277,7 +339,7 @@ impl WeightMapper for MappingTable {
         }
 
         for ((index, target), experts) in stacks {
-            let Rule::Stack { from, count, .. } = &self.rules[index] else {
+            let Rule::Stack { from, count, .. } = &rules[index] else {
                 continue;
             };
             let first = experts.values().next().cloned().unwrap_or_default();
@@ -317,7 +379,7 @@ impl WeightMapper for MappingTable {
             });
         }
 
-        for rule in &self.rules {
+        for rule in &rules {
             if let Rule::Tie { parameter, source } = rule {
                 if expected.contains_key(parameter) && !produced.contains_key(parameter) {
                     if let Some((shape, _)) = produced.get(source).cloned() {
@@ -362,8 +424,9 @@ impl WeightMapper for MappingTable {
 
     fn export(&self, params: &BTreeMap<String, Array>) -> Result<BTreeMap<String, Array>> {
         let mut out = BTreeMap::new();
+        let rules = self.effective_rules();
         'params: for (name, tensor) in params {
-            for rule in &self.rules {
+            for rule in &rules {
                 match rule {
                     Rule::Rename { from, to } => {
                         if let Some(c) = to.matches(name) {

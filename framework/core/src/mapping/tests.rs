@@ -187,3 +187,44 @@ fn export_without_rule_is_an_error() {
     let err = table.export(&params).unwrap_err().to_string();
     assert!(err.contains("parameter b"), "{err}");
 }
+
+#[test]
+fn quantization_companions_follow_their_weight() {
+    let table = MappingTable::from_rules(vec![
+        Rule::rename("l.{L}.wq.weight", "m.{L}.q.weight"),
+        Rule::split(
+            "l.{L}.qkv.weight",
+            &[("m.{L}.k.weight", 2), ("m.{L}.v.weight", 2)],
+            0,
+        ),
+    ]);
+    let plan = table.plan(
+        &names(&[
+            ("l.0.wq.weight", &[4, 2]),
+            ("l.0.wq.scales", &[4, 1]),
+            ("l.0.wq.biases", &[4, 1]),
+            ("l.0.qkv.weight", &[4, 2]),
+            ("l.0.qkv.scales", &[4, 1]),
+        ]),
+        &shapes(&[
+            ("m.0.q.weight", &[4, 2]),
+            ("m.0.q.scales", &[4, 1]),
+            ("m.0.q.biases", &[4, 1]),
+            ("m.0.k.weight", &[2, 2]),
+            ("m.0.v.weight", &[2, 2]),
+            ("m.0.k.scales", &[2, 1]),
+            ("m.0.v.scales", &[2, 1]),
+        ]),
+    );
+    assert!(plan.report.is_clean(), "{:?}", plan.report);
+    let exported = table
+        .export(
+            &[
+                ("m.0.k.scales".to_string(), arange(&[2, 1])),
+                ("m.0.v.scales".to_string(), arange(&[2, 1])),
+            ]
+            .into(),
+        )
+        .unwrap();
+    assert_eq!(exported["l.0.qkv.scales"].shape(), &[4, 1]);
+}

@@ -7,6 +7,7 @@ use super::linear::{linear, Linear};
 use super::rope::Rope;
 use crate::cache::LayerKv;
 use crate::error::{Error, MlxContext, Result};
+use crate::model::LinearVisitor;
 use mlx_rs::fast::ScaledDotProductAttentionMask;
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Module;
@@ -109,6 +110,14 @@ impl Attention {
             scale: (head_dim as f32).powf(-0.5),
             rope,
         })
+    }
+
+    /// Visits `q_proj`, `k_proj`, `v_proj` and `o_proj` under `prefix`.
+    pub fn visit_linears(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) -> Result<()> {
+        visit(&format!("{prefix}.q_proj"), &mut self.q_proj)?;
+        visit(&format!("{prefix}.k_proj"), &mut self.k_proj)?;
+        visit(&format!("{prefix}.v_proj"), &mut self.v_proj)?;
+        visit(&format!("{prefix}.o_proj"), &mut self.o_proj)
     }
 
     /// Attends over `x` of shape `[batch, seq, hidden]`, appending this

@@ -18,7 +18,7 @@ use super::moe::SparseMoe;
 use super::rope::Rope;
 use crate::cache::KvCache;
 use crate::error::{Error, MlxContext, Result};
-use crate::model::{CausalLm, ModelDims};
+use crate::model::{CausalLm, LinearVisitor, ModelDims};
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Module;
 use mlx_rs::Array;
@@ -213,6 +213,27 @@ impl CausalLm for Decoder {
 
     fn dims(&self) -> ModelDims {
         self.dims.clone()
+    }
+
+    fn visit_linears(&mut self, visit: &mut LinearVisitor<'_>) -> Result<()> {
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            layer
+                .self_attn
+                .visit_linears(&format!("{prefix}.self_attn"), visit)?;
+            if let Some(mlp) = &mut layer.mlp {
+                mlp.visit_linears(&format!("{prefix}.mlp"), visit)?;
+            }
+            if let Some(moe) = &mut layer.block_sparse_moe {
+                // The experts are stacked tensors, not linear layers; the
+                // router is one.
+                visit(&format!("{prefix}.block_sparse_moe.gate"), &mut moe.gate)?;
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            visit("lm_head", head)?;
+        }
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 
 use super::linear::{linear, Linear};
 use crate::error::{Error, MlxContext, Result};
+use crate::model::LinearVisitor;
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::Array;
 use serde::{Deserialize, Serialize};
@@ -74,6 +75,13 @@ impl SwiGlu {
         })
     }
 
+    /// Visits `gate_proj`, `up_proj` and `down_proj` under `prefix`.
+    pub fn visit_linears(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) -> Result<()> {
+        visit(&format!("{prefix}.gate_proj"), &mut self.gate_proj)?;
+        visit(&format!("{prefix}.up_proj"), &mut self.up_proj)?;
+        visit(&format!("{prefix}.down_proj"), &mut self.down_proj)
+    }
+
     /// Applies the block.
     pub fn forward(&mut self, x: &Array) -> Result<Array> {
         let gate = self.activation.apply(&self.gate_proj.forward(x)?)?;
@@ -102,6 +110,12 @@ impl GeluMlp {
             fc2: linear(intermediate, hidden, true)?,
             activation,
         })
+    }
+
+    /// Visits `fc1` and `fc2` under `prefix`.
+    pub fn visit_linears(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) -> Result<()> {
+        visit(&format!("{prefix}.fc1"), &mut self.fc1)?;
+        visit(&format!("{prefix}.fc2"), &mut self.fc2)
     }
 
     /// Applies the block.

@@ -1,6 +1,13 @@
-//! The [`Quantizer`] trait: turning a floating-point weight into a compact
-//! representation and back. Implementations live in the `quantizers/`
-//! crates and register themselves like architectures do.
+//! Quantization: the [`Quantizer`] trait (turning a floating-point weight
+//! into MLX's affine layout and back; implementations live in the
+//! `quantizers/` crates and register themselves like architectures do),
+//! per-layer [`plan`]s, and [`apply`]ing a plan to a model.
+
+pub mod apply;
+pub mod plan;
+
+pub use apply::{quantize_model, QuantizationReport};
+pub use plan::{LayerAction, QuantPlan};
 
 use crate::error::Result;
 use mlx_rs::Array;
@@ -24,6 +31,18 @@ impl QuantSettings {
     /// Checks the settings against MLX's affine kernels and a layer with
     /// `input` features.
     pub fn check_input(&self, input: usize) -> Result<()> {
+        self.check()?;
+        if input % self.group_size != 0 {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "{input} input features do not divide into groups of {}",
+                self.group_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the bits and group size against MLX's affine kernels.
+    pub fn check(&self) -> Result<()> {
         if !AFFINE_BITS.contains(&self.bits) {
             return Err(crate::error::Error::InvalidArgument(format!(
                 "{} bits is not supported; expected one of {AFFINE_BITS:?}",
@@ -33,12 +52,6 @@ impl QuantSettings {
         if !AFFINE_GROUP_SIZES.contains(&self.group_size) {
             return Err(crate::error::Error::InvalidArgument(format!(
                 "group size {} is not supported; expected one of {AFFINE_GROUP_SIZES:?}",
-                self.group_size
-            )));
-        }
-        if input % self.group_size != 0 {
-            return Err(crate::error::Error::InvalidArgument(format!(
-                "{input} input features do not divide into groups of {}",
                 self.group_size
             )));
         }

@@ -1,0 +1,168 @@
+//! Applying a plan to a model, and the `quantization` block of an
+//! MLX-format `config.json` that records the result.
+//!
+//! The block is the one mlx-lm writes and reads: global `group_size` and
+//! `bits`, plus an entry per module path whose settings differ, either
+//! `{"group_size": G, "bits": B}` or `false` for a layer left in full
+//! precision.
+
+use super::plan::{LayerAction, QuantPlan};
+use super::QuantSettings;
+use crate::error::{Error, Result};
+use crate::model::CausalLm;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+/// What quantization did to each linear layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct QuantizationReport {
+    /// Quantized layers and their settings.
+    pub quantized: BTreeMap<String, QuantSettings>,
+    /// Layers left in full precision, with the reason.
+    pub kept: BTreeMap<String, String>,
+}
+
+/// Whether [`quantize_model`] quantizes the loaded weights or only shapes
+/// the layers to receive quantized weights from a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizeMode {
+    /// Quantize the current float weights.
+    Weights,
+    /// Install zero placeholders of the quantized shapes.
+    Placeholders,
+}
+
+/// Quantizes the linear layers of `model` as `plan` decides, leaving the
+/// architecture's `never_quantize` layers and layers whose input size does
+/// not divide into groups in full precision (reported with the reason).
+pub fn quantize_model(
+    model: &mut dyn CausalLm,
+    plan: &QuantPlan,
+    never_quantize: &[&str],
+    mode: QuantizeMode,
+) -> Result<QuantizationReport> {
+    let mut layers = Vec::new();
+    model.visit_linears(&mut |path, _| {
+        layers.push(path.to_owned());
+        Ok(())
+    })?;
+    let decided = plan.resolve(&layers, never_quantize)?;
+    for action in decided.values() {
+        if let LayerAction::Quantize(settings) = action {
+            settings.check()?;
+        }
+    }
+    let mut report = QuantizationReport::default();
+    model.visit_linears(&mut |path, layer| {
+        match decided.get(path) {
+            Some(LayerAction::Quantize(settings)) => {
+                let input = layer.input_dims();
+                if input % settings.group_size != 0 {
+                    report.kept.insert(
+                        path.to_owned(),
+                        format!(
+                            "{input} input features do not divide into groups of {}",
+                            settings.group_size
+                        ),
+                    );
+                    return Ok(());
+                }
+                match mode {
+                    QuantizeMode::Weights => layer.quantize(*settings),
+                    QuantizeMode::Placeholders => layer.quantized_placeholder(*settings),
+                }
+                .map_err(|e| Error::InvalidArgument(format!("{path}: {e}")))?;
+                report.quantized.insert(path.to_owned(), *settings);
+            }
+            _ => {
+                let reason = if plan.rules.is_empty() && plan.default.is_none() {
+                    "no quantization requested"
+                } else {
+                    "kept by the plan or the architecture"
+                };
+                report.kept.insert(path.to_owned(), reason.to_owned());
+            }
+        }
+        Ok(())
+    })?;
+    Ok(report)
+}
+
+impl QuantizationReport {
+    /// The most common settings among quantized layers.
+    pub fn dominant(&self) -> Option<QuantSettings> {
+        let mut counts: BTreeMap<(u8, usize), usize> = BTreeMap::new();
+        for s in self.quantized.values() {
+            *counts.entry((s.bits, s.group_size)).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|((bits, group_size), _)| QuantSettings { bits, group_size })
+    }
+
+    /// The `quantization` block for `config.json`, or `None` when nothing
+    /// was quantized.
+    pub fn to_config_block(&self) -> Option<Value> {
+        let default = self.dominant()?;
+        let mut block = Map::new();
+        block.insert("group_size".into(), json!(default.group_size));
+        block.insert("bits".into(), json!(default.bits));
+        for (path, settings) in &self.quantized {
+            if *settings != default {
+                block.insert(
+                    path.clone(),
+                    json!({"group_size": settings.group_size, "bits": settings.bits}),
+                );
+            }
+        }
+        for path in self.kept.keys() {
+            block.insert(path.clone(), Value::Bool(false));
+        }
+        Some(Value::Object(block))
+    }
+}
+
+/// Reads the `quantization` (or `quantization_config`) block of an
+/// MLX-format `config.json` into a plan over the model's layer paths.
+pub fn plan_from_config_block(block: &Value) -> Result<QuantPlan> {
+    let object = block
+        .as_object()
+        .ok_or_else(|| Error::config("quantization", "expected an object"))?;
+    let number = |value: Option<&Value>, key: &str| -> Result<usize> {
+        value
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| Error::config(format!("quantization.{key}"), "expected a whole number"))
+    };
+    let default = QuantSettings {
+        bits: number(object.get("bits"), "bits")? as u8,
+        group_size: number(object.get("group_size"), "group_size")?,
+    };
+    let mut rules = Vec::new();
+    for (path, entry) in object {
+        match entry {
+            Value::Bool(false) => rules.push(super::plan::PlanRule {
+                pattern: path.clone(),
+                bits: None,
+                group_size: None,
+                keep: true,
+            }),
+            Value::Object(settings) => rules.push(super::plan::PlanRule {
+                pattern: path.clone(),
+                bits: Some(number(settings.get("bits"), &format!("{path}.bits"))? as u8),
+                group_size: Some(number(
+                    settings.get("group_size"),
+                    &format!("{path}.group_size"),
+                )?),
+                keep: false,
+            }),
+            _ => {}
+        }
+    }
+    Ok(QuantPlan {
+        default: Some(default),
+        rules,
+    })
+}

@@ -1,0 +1,329 @@
+//! Quantization plans: which layers get which settings.
+//!
+//! A plan has a default (quantize everything with these settings, or
+//! nothing) and rules. A rule's pattern is a dotted module path in the
+//! model's own namespace (after weight mapping) whose segments are literal
+//! names, `*` (any one segment) or a layer range `A-B` (any index from A to
+//! B inclusive); it matches a layer whose path contains the pattern's
+//! segments consecutively, so `v_proj`, `layers.0-3.mlp` and
+//! `layers.*.self_attn.o_proj` all work. The most specific matching rule
+//! wins (literal segments count double, then pattern length; equal
+//! specificity: the later rule). A rule says "these settings" or "keep in
+//! full precision". A pattern that matches no layer is an error.
+
+use super::QuantSettings;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What a rule does to the layers it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerAction {
+    /// Quantize with these settings.
+    Quantize(QuantSettings),
+    /// Keep in full precision.
+    Keep,
+}
+
+/// One rule of a plan, as written in a plan file:
+/// `{"pattern": "layers.0-3.mlp", "bits": 8, "group_size": 64}` or
+/// `{"pattern": "lm_head", "keep": true}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRule {
+    /// The module-path pattern.
+    pub pattern: String,
+    /// Bits, when quantizing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<u8>,
+    /// Group size, when quantizing (defaults to the plan's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_size: Option<usize>,
+    /// Leave the matched layers unquantized.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
+}
+
+/// A quantization plan, as read from a plan file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantPlan {
+    /// Settings for layers no rule matches; `None` leaves them unquantized.
+    #[serde(default)]
+    pub default: Option<QuantSettings>,
+    /// The rules.
+    #[serde(default)]
+    pub rules: Vec<PlanRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Any,
+    Range(usize, usize),
+}
+
+fn parse_pattern(pattern: &str) -> Result<Vec<Segment>> {
+    if pattern.is_empty() {
+        return Err(Error::InvalidArgument(
+            "an empty quantization pattern".into(),
+        ));
+    }
+    pattern
+        .split('.')
+        .map(|segment| {
+            if segment == "*" {
+                return Ok(Segment::Any);
+            }
+            if let Some((a, b)) = segment.split_once('-') {
+                if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                    if a > b {
+                        return Err(Error::InvalidArgument(format!(
+                            "pattern {pattern:?}: range {segment} is empty"
+                        )));
+                    }
+                    return Ok(Segment::Range(a, b));
+                }
+            }
+            if segment.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "pattern {pattern:?} has an empty segment"
+                )));
+            }
+            Ok(Segment::Literal(segment.to_owned()))
+        })
+        .collect()
+}
+
+fn segment_matches(segment: &Segment, part: &str) -> bool {
+    match segment {
+        Segment::Literal(text) => text == part,
+        Segment::Any => true,
+        Segment::Range(a, b) => part.parse::<usize>().is_ok_and(|i| (*a..=*b).contains(&i)),
+    }
+}
+
+fn pattern_matches(pattern: &[Segment], path: &str) -> bool {
+    let parts: Vec<&str> = path.split('.').collect();
+    parts.windows(pattern.len()).any(|window| {
+        window
+            .iter()
+            .zip(pattern)
+            .all(|(part, segment)| segment_matches(segment, part))
+    })
+}
+
+fn specificity(pattern: &[Segment]) -> (usize, usize) {
+    let literal = pattern
+        .iter()
+        .filter(|s| matches!(s, Segment::Literal(_)))
+        .count();
+    (2 * literal + pattern.len(), pattern.len())
+}
+
+impl QuantPlan {
+    /// Every layer quantized with `settings`.
+    pub fn uniform(settings: QuantSettings) -> Self {
+        Self {
+            default: Some(settings),
+            rules: Vec::new(),
+        }
+    }
+
+    /// A ready-made recipe by name, for a model of `num_layers` blocks:
+    /// `mixed-B1-B2` (e.g. `mixed-4-6`, `mixed-3-6`, `mixed-2-6`) quantizes
+    /// with B1 bits but gives `v_proj` and `down_proj` of the first and last
+    /// blocks and `lm_head` B2 bits, the layers most sensitive to rounding.
+    pub fn recipe(name: &str, group_size: usize, num_layers: usize) -> Result<Self> {
+        let bits = name
+            .strip_prefix("mixed-")
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(low, high)| Some((low.parse::<u8>().ok()?, high.parse::<u8>().ok()?)));
+        let Some((low, high)) = bits else {
+            return Err(Error::InvalidArgument(format!(
+                "unknown quantization recipe {name:?}; expected mixed-LOW-HIGH such as mixed-4-6"
+            )));
+        };
+        let last = num_layers.saturating_sub(1);
+        let high_rule = |pattern: String| PlanRule {
+            pattern,
+            bits: Some(high),
+            group_size: Some(group_size),
+            keep: false,
+        };
+        let mut rules = Vec::new();
+        for layer in [0, last] {
+            for projection in ["v_proj", "down_proj"] {
+                rules.push(high_rule(format!("layers.{layer}.*.{projection}")));
+            }
+        }
+        rules.dedup();
+        rules.push(high_rule("lm_head".into()));
+        Ok(Self {
+            default: Some(QuantSettings {
+                bits: low,
+                group_size,
+            }),
+            rules,
+        })
+    }
+
+    /// Reads a plan file (JSON).
+    pub fn from_json(text: &str, file: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::Config {
+            file: file.to_owned(),
+            key: format!("line {} column {}", e.line(), e.column()),
+            message: e.to_string(),
+        })
+    }
+
+    /// Decides every layer of `layers` (module paths). Patterns in
+    /// `never_quantize` (the architecture's hook) always keep; a plan rule
+    /// that matches no layer is an error.
+    pub fn resolve(
+        &self,
+        layers: &[String],
+        never_quantize: &[&str],
+    ) -> Result<BTreeMap<String, LayerAction>> {
+        let mut compiled = Vec::new();
+        for rule in &self.rules {
+            let action = if rule.keep {
+                LayerAction::Keep
+            } else {
+                let bits = rule.bits.or(self.default.map(|d| d.bits)).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "rule {:?} gives no bits and the plan has no default",
+                        rule.pattern
+                    ))
+                })?;
+                let group_size = rule
+                    .group_size
+                    .or(self.default.map(|d| d.group_size))
+                    .unwrap_or(64);
+                LayerAction::Quantize(QuantSettings { bits, group_size })
+            };
+            compiled.push((rule.pattern.clone(), parse_pattern(&rule.pattern)?, action));
+        }
+        let protected = never_quantize
+            .iter()
+            .map(|p| parse_pattern(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut decided = BTreeMap::new();
+        let mut used = vec![false; compiled.len()];
+        for layer in layers {
+            if protected.iter().any(|p| pattern_matches(p, layer)) {
+                decided.insert(layer.clone(), LayerAction::Keep);
+                continue;
+            }
+            let mut best: Option<(usize, (usize, usize))> = None;
+            for (index, (_, pattern, _)) in compiled.iter().enumerate() {
+                if pattern_matches(pattern, layer) {
+                    used[index] = true;
+                    let score = specificity(pattern);
+                    if best.is_none_or(|(_, s)| score >= s) {
+                        best = Some((index, score));
+                    }
+                }
+            }
+            let action = match best {
+                Some((index, _)) => compiled[index].2,
+                None => match self.default {
+                    Some(settings) => LayerAction::Quantize(settings),
+                    None => LayerAction::Keep,
+                },
+            };
+            decided.insert(layer.clone(), action);
+        }
+        if let Some(index) = used.iter().position(|u| !u) {
+            return Err(Error::InvalidArgument(format!(
+                "quantization pattern {:?} matches no layer of the model (layers look like {})",
+                compiled[index].0,
+                layers.first().map(String::as_str).unwrap_or("<none>")
+            )));
+        }
+        Ok(decided)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers() -> Vec<String> {
+        let mut names = Vec::new();
+        for i in 0..4 {
+            for p in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"] {
+                names.push(format!("model.layers.{i}.{p}"));
+            }
+        }
+        names.push("lm_head".into());
+        names
+    }
+
+    fn q(bits: u8, group_size: usize) -> LayerAction {
+        LayerAction::Quantize(QuantSettings { bits, group_size })
+    }
+
+    #[test]
+    fn most_specific_rule_wins() {
+        let plan = QuantPlan::from_json(
+            r#"{"default": {"bits": 4, "group_size": 64},
+                "rules": [{"pattern": "layers.0-1", "bits": 8},
+                          {"pattern": "layers.0.self_attn.v_proj", "bits": 6, "group_size": 32},
+                          {"pattern": "lm_head", "keep": true},
+                          {"pattern": "layers.*.mlp.down_proj", "bits": 3}]}"#,
+            "plan.json",
+        )
+        .unwrap();
+        let decided = plan.resolve(&layers(), &[]).unwrap();
+        assert_eq!(decided["model.layers.0.self_attn.v_proj"], q(6, 32));
+        assert_eq!(decided["model.layers.1.self_attn.q_proj"], q(8, 64));
+        assert_eq!(decided["model.layers.1.mlp.down_proj"], q(3, 64));
+        assert_eq!(decided["model.layers.3.self_attn.q_proj"], q(4, 64));
+        assert_eq!(decided["lm_head"], LayerAction::Keep);
+    }
+
+    #[test]
+    fn pattern_matching_nothing_is_an_error() {
+        let plan = QuantPlan {
+            default: None,
+            rules: vec![PlanRule {
+                pattern: "layers.9-12.mlp".into(),
+                bits: Some(4),
+                group_size: Some(64),
+                keep: false,
+            }],
+        };
+        let err = plan.resolve(&layers(), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("layers.9-12.mlp") && err.contains("matches no layer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn never_quantize_hook_wins_over_the_plan() {
+        let plan = QuantPlan::uniform(QuantSettings {
+            bits: 4,
+            group_size: 64,
+        });
+        let decided = plan.resolve(&layers(), &["lm_head"]).unwrap();
+        assert_eq!(decided["lm_head"], LayerAction::Keep);
+    }
+
+    #[test]
+    fn mixed_recipe_raises_the_sensitive_layers() {
+        let plan = QuantPlan::recipe("mixed-4-6", 64, 4).unwrap();
+        let decided = plan.resolve(&layers(), &[]).unwrap();
+        assert_eq!(decided["model.layers.0.self_attn.v_proj"], q(6, 64));
+        assert_eq!(decided["model.layers.3.mlp.down_proj"], q(6, 64));
+        assert_eq!(decided["model.layers.1.mlp.down_proj"], q(4, 64));
+        assert_eq!(decided["lm_head"], q(6, 64));
+        assert!(QuantPlan::recipe("fancy", 64, 4).is_err());
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        assert!(parse_pattern("layers.5-2").is_err());
+        assert!(parse_pattern("layers..mlp").is_err());
+        assert!(QuantPlan::from_json("{\"rules\": 3}", "plan.json").is_err());
+    }
+}

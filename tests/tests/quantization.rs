@@ -1,0 +1,252 @@
+//! Quantization: per-layer plans, MLX-format checkpoints written and read
+//! back bit for bit, logits of quantized models, and clear errors.
+
+use mlx_zoo::export::{save_mlx_model, SaveOptions};
+use mlx_zoo::loader::{self, ComputeDtype, LoadOptions, LoadedModel};
+use mlx_zoo::quantize::{QuantPlan, QuantSettings};
+use mlx_zoo_tests::{fixture, max_abs_diff, reference};
+use std::path::Path;
+
+fn load_with(dir: &Path, quantize: Option<QuantPlan>) -> mlx_zoo::Result<LoadedModel> {
+    let registry = mlx_zoo::registry()?;
+    loader::load(
+        &registry,
+        dir,
+        &LoadOptions {
+            quantize,
+            ..LoadOptions::default()
+        },
+    )
+}
+
+fn uniform(bits: u8, group_size: usize) -> Option<QuantPlan> {
+    Some(QuantPlan::uniform(QuantSettings { bits, group_size }))
+}
+
+fn logits(model: &mut LoadedModel, case: &str) -> Vec<f32> {
+    let r = reference(case);
+    model
+        .model
+        .forward(&r.input_ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec()
+}
+
+#[test]
+fn convert_load_convert_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    let quantized = load_with(&fixture("llama-gqa"), uniform(4, 32)).unwrap();
+    save_mlx_model(
+        &quantized,
+        &fixture("llama-gqa"),
+        &first,
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let reloaded = load_with(&first, None).unwrap();
+    assert_eq!(reloaded.quantization, quantized.quantization);
+    save_mlx_model(&reloaded, &first, &second, &SaveOptions::default()).unwrap();
+    for file in ["model.safetensors", "config.json"] {
+        let a = std::fs::read(first.join(file)).unwrap();
+        let b = std::fs::read(second.join(file)).unwrap();
+        assert!(a == b, "{file} differs after a second conversion");
+    }
+}
+
+#[test]
+fn quantized_checkpoint_gives_the_logits_of_quantizing_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut at_load = load_with(&fixture("llama-gqa"), uniform(4, 32)).unwrap();
+    save_mlx_model(
+        &at_load,
+        &fixture("llama-gqa"),
+        tmp.path(),
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let mut from_disk = load_with(tmp.path(), None).unwrap();
+    let diff = max_abs_diff(
+        &logits(&mut at_load, "llama-gqa"),
+        &logits(&mut from_disk, "llama-gqa"),
+    );
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn quantization_error_shrinks_with_more_bits() {
+    let float = reference("llama-gqa").logits;
+    let mut errors = Vec::new();
+    for bits in [2, 3, 4, 6, 8] {
+        let mut model = load_with(&fixture("llama-gqa"), uniform(bits, 32)).unwrap();
+        let error = max_abs_diff(&logits(&mut model, "llama-gqa"), &float);
+        assert!(error.is_finite() && error > 0.0, "{bits} bits: {error}");
+        errors.push(error);
+    }
+    assert!(
+        errors.windows(2).all(|w| w[1] < w[0]),
+        "errors by bits: {errors:?}"
+    );
+    assert!(errors[4] < 0.1, "8-bit error {}", errors[4]);
+}
+
+#[test]
+fn indivisible_layers_stay_float_and_are_reported() {
+    // down_proj has 160 inputs, which do not divide into groups of 64.
+    let model = load_with(&fixture("llama-gqa"), uniform(4, 64)).unwrap();
+    let kept = &model.quantization.kept;
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(kept["model.layers.0.mlp.down_proj"].contains("160 input features"));
+    assert_eq!(model.quantization.quantized.len(), 13);
+}
+
+#[test]
+fn mixed_plan_round_trips_through_the_config_block() {
+    let plan = QuantPlan::from_json(
+        r#"{"default": {"bits": 4, "group_size": 32},
+            "rules": [{"pattern": "layers.0.self_attn.v_proj", "bits": 8},
+                      {"pattern": "layers.1.mlp", "bits": 6, "group_size": 32},
+                      {"pattern": "lm_head", "keep": true}]}"#,
+        "plan.json",
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut quantized = load_with(&fixture("llama-gqa"), Some(plan)).unwrap();
+    let q = &quantized.quantization;
+    assert_eq!(q.quantized["model.layers.0.self_attn.v_proj"].bits, 8);
+    assert_eq!(q.quantized["model.layers.1.mlp.up_proj"].bits, 6);
+    assert!(q.kept.contains_key("lm_head"));
+    save_mlx_model(
+        &quantized,
+        &fixture("llama-gqa"),
+        tmp.path(),
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap())
+            .unwrap();
+    let block = &config["quantization"];
+    assert_eq!(block["bits"], 4);
+    assert_eq!(block["model.layers.0.self_attn.v_proj"]["bits"], 8);
+    assert_eq!(block["lm_head"], false);
+    let mut reloaded = load_with(tmp.path(), None).unwrap();
+    assert_eq!(reloaded.quantization, quantized.quantization);
+    let diff = max_abs_diff(
+        &logits(&mut quantized, "llama-gqa"),
+        &logits(&mut reloaded, "llama-gqa"),
+    );
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn sharded_output_loads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut model = load_with(&fixture("llama-gqa"), uniform(8, 32)).unwrap();
+    let options = SaveOptions {
+        max_shard_bytes: 40_000,
+        ..SaveOptions::default()
+    };
+    let files = save_mlx_model(&model, &fixture("llama-gqa"), tmp.path(), &options).unwrap();
+    assert!(
+        tmp.path().join("model.safetensors.index.json").is_file(),
+        "{files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .filter(|f| f.to_string_lossy().contains("-of-"))
+            .count()
+            >= 2
+    );
+    let mut reloaded = load_with(tmp.path(), None).unwrap();
+    let diff = max_abs_diff(
+        &logits(&mut model, "llama-gqa"),
+        &logits(&mut reloaded, "llama-gqa"),
+    );
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn four_bit_storage_is_close_to_its_theoretical_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (f16, q4) = (tmp.path().join("f16"), tmp.path().join("q4"));
+    let half = SaveOptions {
+        dtype: Some(ComputeDtype::Float16),
+        ..SaveOptions::default()
+    };
+    let float = load_with(&fixture("llama-gqa"), None).unwrap();
+    save_mlx_model(&float, &fixture("llama-gqa"), &f16, &half).unwrap();
+    let quantized = load_with(&fixture("llama-gqa"), uniform(4, 32)).unwrap();
+    save_mlx_model(&quantized, &fixture("llama-gqa"), &q4, &half).unwrap();
+    let registry = mlx_zoo::registry().unwrap();
+    let bytes = |dir: &Path| loader::inspect(&registry, dir).unwrap().weight_bytes as f64;
+    // Linear weights: 16 bits each in f16; 4 bits plus an f16 scale and
+    // bias per 32 weights (1 bit) when quantized. Embeddings and norms stay
+    // f16 in both.
+    let d = loader::inspect(&registry, &fixture("llama-gqa"))
+        .unwrap()
+        .dims;
+    let embed_and_norms =
+        (d.vocab_size * d.hidden_size + (2 * d.num_layers + 1) * d.hidden_size) as f64 * 2.0;
+    let linear_params = d.parameters_in_linears() as f64;
+    let expected = embed_and_norms + linear_params * 5.0 / 8.0;
+    let measured = bytes(&q4);
+    assert!(
+        (measured / expected - 1.0).abs() < 0.03,
+        "4-bit model takes {measured} bytes, theory says {expected}"
+    );
+    assert!(
+        bytes(&f16) > 2.5 * (measured - embed_and_norms),
+        "no memory saved"
+    );
+}
+
+#[test]
+fn bad_settings_and_plans_are_clear_errors() {
+    let err = |plan: Option<QuantPlan>| {
+        load_with(&fixture("llama-gqa"), plan)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    assert!(err(uniform(7, 32)).contains("7 bits is not supported"));
+    assert!(err(uniform(4, 48)).contains("group size 48 is not supported"));
+    let unmatched = QuantPlan::from_json(
+        r#"{"default": {"bits": 4, "group_size": 32}, "rules": [{"pattern": "layers.7.mlp", "bits": 8}]}"#,
+        "plan.json",
+    )
+    .unwrap();
+    let message = err(Some(unmatched));
+    assert!(
+        message.contains("\"layers.7.mlp\" matches no layer"),
+        "{message}"
+    );
+}
+
+#[test]
+fn scales_of_the_wrong_shape_name_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = load_with(&fixture("llama-gqa"), uniform(4, 32)).unwrap();
+    save_mlx_model(
+        &model,
+        &fixture("llama-gqa"),
+        tmp.path(),
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("model.safetensors"), |t| {
+        let (dtype, _, _) = t["model.layers.0.self_attn.q_proj.scales"].clone();
+        t.insert(
+            "model.layers.0.self_attn.q_proj.scales".into(),
+            (dtype, vec![64, 3], vec![0; 64 * 3 * 4]),
+        );
+    });
+    let message = load_with(tmp.path(), None).err().unwrap().to_string();
+    assert!(
+        message.contains("model.layers.0.self_attn.q_proj.scales")
+            && message.contains("expected [64, 2], found [64, 3]"),
+        "{message}"
+    );
+}
