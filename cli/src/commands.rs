@@ -306,7 +306,7 @@ pub fn logits(
     let options = LoadOptions {
         dtype,
         allow_unclean,
-        quantize: None,
+        ..LoadOptions::default()
     };
     let mut loaded = loader::load(&registry()?, model, &options)
         .with_context(|| format!("loading {}", model.display()))?;

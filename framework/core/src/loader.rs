@@ -67,6 +67,8 @@ pub struct LoadOptions {
     pub allow_unclean: bool,
     /// Quantize the loaded float weights with this plan.
     pub quantize: Option<QuantPlan>,
+    /// The registered quantizer to use (default `affine`).
+    pub quantizer: Option<String>,
 }
 
 /// What `inspect` finds out without loading tensor data.
@@ -325,8 +327,21 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
             )))
         }
         (Some(plan), None) => {
+            let name = options.quantizer.as_deref().unwrap_or("affine");
+            let quantizer = registry.quantizer(name).ok_or_else(|| {
+                let known: Vec<&str> = registry.quantizers().iter().map(|q| q.name()).collect();
+                Error::InvalidArgument(format!(
+                    "no quantizer named {name:?} is registered (registered: {})",
+                    known.join(", ")
+                ))
+            })?;
             let never: Vec<&str> = opened.never_quantize.iter().map(String::as_str).collect();
-            let report = quantize_model(model.as_mut(), plan, &never, QuantizeMode::Weights)?;
+            let report = quantize_model(
+                model.as_mut(),
+                plan,
+                &never,
+                QuantizeMode::Weights(quantizer.as_ref()),
+            )?;
             let values: Vec<Array> = model
                 .parameters()
                 .flatten()

@@ -335,6 +335,11 @@ impl Registry {
         &self.quantizers
     }
 
+    /// The quantizer called `name`.
+    pub fn quantizer(&self, name: &str) -> Option<Arc<dyn Quantizer>> {
+        self.quantizers.iter().find(|q| q.name() == name).cloned()
+    }
+
     /// Every adapter, sorted by name.
     pub fn adapters(&self) -> &[Arc<dyn Adapter>] {
         &self.adapters

@@ -11,6 +11,8 @@
 
 pub use mlx_zoo_core::*;
 
+/// MLX's affine group-wise quantizer.
+pub use mlx_zoo_affine as affine;
 /// The LLaMA family.
 pub use mlx_zoo_llama as llama;
 /// The Mistral and Mixtral families.

@@ -11,7 +11,7 @@
 //! its CPU speed loss.
 
 use crate::error::{Error, MlxContext, Result};
-use crate::quantize::QuantSettings;
+use crate::quantize::{QuantSettings, Quantizer};
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Param;
 use mlx_rs::Array;
@@ -112,23 +112,22 @@ impl Linear {
             .ok_or_else(|| Error::InvalidArgument("a quantized layer has no scales".into()))
     }
 
-    /// Replaces the float weight by its quantization with MLX's affine
-    /// scheme. The input size must divide by the group size.
-    pub fn quantize(&mut self, settings: QuantSettings) -> Result<()> {
+    /// Replaces the float weight by its quantization with `quantizer`,
+    /// which must produce MLX's affine layout (the only one MLX's kernels
+    /// run). The input size must divide by the group size.
+    pub fn quantize_with(
+        &mut self,
+        quantizer: &dyn Quantizer,
+        settings: QuantSettings,
+    ) -> Result<()> {
         if self.is_quantized() {
             return Err(Error::InvalidArgument(
                 "the layer is already quantized".into(),
             ));
         }
-        let input = self.input_dims();
-        settings.check_input(input)?;
-        let (packed, scales, biases) = mlx_rs::ops::quantize(
-            self.weight.as_ref(),
-            settings.group_size as i32,
-            settings.bits as i32,
-        )
-        .context(|| format!("quantizing a [{}, {input}] weight", self.output_dims()))?;
-        self.set_quantized(packed, scales, Some(biases), settings);
+        settings.check_input(self.input_dims())?;
+        let q = quantizer.quantize(self.weight.as_ref(), settings)?;
+        self.set_quantized(q.packed, q.scales, q.biases, q.settings);
         Ok(())
     }
 

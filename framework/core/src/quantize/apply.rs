@@ -7,7 +7,7 @@
 //! precision.
 
 use super::plan::{LayerAction, QuantPlan};
-use super::QuantSettings;
+use super::{QuantSettings, Quantizer};
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
 use serde::Serialize;
@@ -25,10 +25,10 @@ pub struct QuantizationReport {
 
 /// Whether [`quantize_model`] quantizes the loaded weights or only shapes
 /// the layers to receive quantized weights from a checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuantizeMode {
-    /// Quantize the current float weights.
-    Weights,
+#[derive(Clone, Copy)]
+pub enum QuantizeMode<'a> {
+    /// Quantize the current float weights with this quantizer.
+    Weights(&'a dyn Quantizer),
     /// Install zero placeholders of the quantized shapes.
     Placeholders,
 }
@@ -40,7 +40,7 @@ pub fn quantize_model(
     model: &mut dyn CausalLm,
     plan: &QuantPlan,
     never_quantize: &[&str],
-    mode: QuantizeMode,
+    mode: QuantizeMode<'_>,
 ) -> Result<QuantizationReport> {
     let mut layers = Vec::new();
     model.visit_linears(&mut |path, _| {
@@ -69,7 +69,7 @@ pub fn quantize_model(
                     return Ok(());
                 }
                 match mode {
-                    QuantizeMode::Weights => layer.quantize(*settings),
+                    QuantizeMode::Weights(quantizer) => layer.quantize_with(quantizer, *settings),
                     QuantizeMode::Placeholders => layer.quantized_placeholder(*settings),
                 }
                 .map_err(|e| Error::InvalidArgument(format!("{path}: {e}")))?;
