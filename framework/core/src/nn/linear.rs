@@ -203,12 +203,12 @@ mod tests {
         let mut layer = linear(64, 16, false).unwrap();
         layer.weight = Param::new(w.clone());
         let float = layer.forward(&x).unwrap();
-        layer
-            .quantize(QuantSettings {
-                bits: 8,
-                group_size: 32,
-            })
-            .unwrap();
+        let (packed, scales, biases) = mlx_rs::ops::quantize(&w, 32, 8).unwrap();
+        let settings = QuantSettings {
+            bits: 8,
+            group_size: 32,
+        };
+        layer.set_quantized(packed, scales, Some(biases), settings);
         assert_eq!(layer.input_dims(), 64);
         set_dequantize_rows(usize::MAX);
         let via_qmm = layer.forward(&x).unwrap();
@@ -232,7 +232,7 @@ mod tests {
     fn indivisible_input_is_refused() {
         let mut layer = linear(48, 4, false).unwrap();
         let err = layer
-            .quantize(QuantSettings {
+            .quantized_placeholder(QuantSettings {
                 bits: 4,
                 group_size: 32,
             })
