@@ -1,6 +1,7 @@
-//! The shared parity harness: runs a fixture checkpoint made by
-//! `tests/fixtures/make_fixtures.py` through mlx-zoo and compares the logits
-//! with the ones Hugging Face transformers recorded for the same input ids.
+//! The shared parity harness: runs a fixture checkpoint through mlx-zoo and
+//! compares the logits with the reference recorded next to it for the same
+//! input ids: Hugging Face transformers' (`make_fixtures.py`) or mlx-lm's
+//! for its quantized checkpoints (`make_mlx_fixtures.py`).
 //! Family crates' tests call [`assert_parity`] on their fixtures.
 
 #![warn(missing_docs)]
@@ -92,9 +93,9 @@ pub fn assert_parity(case: &str) -> f32 {
     let diff = max_abs_diff(logits.as_slice::<f32>(), &reference.logits);
     assert!(
         diff < TOLERANCE,
-        "{case}: max abs diff {diff} against transformers exceeds {TOLERANCE}"
+        "{case}: max abs diff {diff} against the reference exceeds {TOLERANCE}"
     );
-    eprintln!("{case}: max abs diff against transformers {diff:e}");
+    eprintln!("{case}: max abs diff against the reference {diff:e}");
     diff
 }
 

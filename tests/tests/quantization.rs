@@ -46,7 +46,14 @@ fn convert_load_convert_is_bit_identical() {
     )
     .unwrap();
     let reloaded = load_with(&first, None).unwrap();
-    assert_eq!(reloaded.quantization, quantized.quantization);
+    assert_eq!(
+        reloaded.quantization.quantized,
+        quantized.quantization.quantized
+    );
+    assert_eq!(
+        reloaded.quantization.kept.keys().collect::<Vec<_>>(),
+        quantized.quantization.kept.keys().collect::<Vec<_>>()
+    );
     save_mlx_model(&reloaded, &first, &second, &SaveOptions::default()).unwrap();
     for file in ["model.safetensors", "config.json"] {
         let a = std::fs::read(first.join(file)).unwrap();
@@ -98,7 +105,8 @@ fn indivisible_layers_stay_float_and_are_reported() {
     let kept = &model.quantization.kept;
     assert_eq!(kept.len(), 2, "{kept:?}");
     assert!(kept["model.layers.0.mlp.down_proj"].contains("160 input features"));
-    assert_eq!(model.quantization.quantized.len(), 13);
+    // 15 projections, the output head and the embedding table, less the two.
+    assert_eq!(model.quantization.quantized.len(), 14);
 }
 
 #[test]
@@ -132,7 +140,14 @@ fn mixed_plan_round_trips_through_the_config_block() {
     assert_eq!(block["model.layers.0.self_attn.v_proj"]["bits"], 8);
     assert_eq!(block["lm_head"], false);
     let mut reloaded = load_with(tmp.path(), None).unwrap();
-    assert_eq!(reloaded.quantization, quantized.quantization);
+    assert_eq!(
+        reloaded.quantization.quantized,
+        quantized.quantization.quantized
+    );
+    assert_eq!(
+        reloaded.quantization.kept.keys().collect::<Vec<_>>(),
+        quantized.quantization.kept.keys().collect::<Vec<_>>()
+    );
     let diff = max_abs_diff(
         &logits(&mut quantized, "llama-gqa"),
         &logits(&mut reloaded, "llama-gqa"),
@@ -182,24 +197,23 @@ fn four_bit_storage_is_close_to_its_theoretical_size() {
     save_mlx_model(&quantized, &fixture("llama-gqa"), &q4, &half).unwrap();
     let registry = mlx_zoo::registry().unwrap();
     let bytes = |dir: &Path| loader::inspect(&registry, dir).unwrap().weight_bytes as f64;
-    // Linear weights: 16 bits each in f16; 4 bits plus an f16 scale and
-    // bias per 32 weights (1 bit) when quantized. Embeddings and norms stay
-    // f16 in both.
+    // Weight matrices (projections, output head, embedding table): 16 bits
+    // each in f16; 4 bits plus an f16 scale and bias per 32 weights (1 bit)
+    // when quantized. Norms stay f16 in both.
     let d = loader::inspect(&registry, &fixture("llama-gqa"))
         .unwrap()
         .dims;
-    let embed_and_norms =
-        (d.vocab_size * d.hidden_size + (2 * d.num_layers + 1) * d.hidden_size) as f64 * 2.0;
-    let linear_params = d.parameters_in_linears() as f64;
-    let expected = embed_and_norms + linear_params * 5.0 / 8.0;
-    let measured = bytes(&q4);
+    let norms = ((2 * d.num_layers + 1) * d.hidden_size) as f64 * 2.0;
+    let matrices = (d.parameters_in_linears() + d.vocab_size * d.hidden_size) as f64;
+    let (expected_q4, expected_f16) = (norms + matrices * 5.0 / 8.0, norms + matrices * 2.0);
+    let (measured_q4, measured_f16) = (bytes(&q4), bytes(&f16));
     assert!(
-        (measured / expected - 1.0).abs() < 0.03,
-        "4-bit model takes {measured} bytes, theory says {expected}"
+        (measured_q4 / expected_q4 - 1.0).abs() < 0.03,
+        "4-bit model takes {measured_q4} bytes, theory says {expected_q4}"
     );
     assert!(
-        bytes(&f16) > 2.5 * (measured - embed_and_norms),
-        "no memory saved"
+        (measured_f16 / expected_f16 - 1.0).abs() < 0.03,
+        "f16 model takes {measured_f16} bytes, theory says {expected_f16}"
     );
 }
 
@@ -245,8 +259,138 @@ fn scales_of_the_wrong_shape_name_the_tensor() {
     });
     let message = load_with(tmp.path(), None).err().unwrap().to_string();
     assert!(
-        message.contains("model.layers.0.self_attn.q_proj.scales")
-            && message.contains("expected [64, 2], found [64, 3]"),
+        message.contains("model.layers.0.self_attn.q_proj") && message.contains("3 groups per row"),
         "{message}"
     );
+}
+
+/// mlx-lm's own quantization (made by make_mlx_fixtures.py with mlx
+/// 0.32.4) of small matrices, for every bit width and group size: the
+/// affine quantizer must produce the same packed codes, scales and biases
+/// bit for bit, and the same de-quantized values.
+#[test]
+fn affine_quantizer_matches_mlx_bit_for_bit() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/quant/affine-cases.safetensors");
+    let cases = mlx_rs::Array::load_safetensors(&path).unwrap();
+    let registry = mlx_zoo::registry().unwrap();
+    let affine = registry
+        .quantizer("affine")
+        .expect("affine quantizer registered");
+    let mut checked = 0;
+    for (name, expected_q) in &cases {
+        let Some(stem) = name.strip_suffix(".q") else {
+            continue;
+        };
+        let mut parts = stem.split('.');
+        let (matrix, bits, group) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        let settings = QuantSettings {
+            bits: bits.trim_start_matches('b').parse().unwrap(),
+            group_size: group.trim_start_matches('g').parse().unwrap(),
+        };
+        let w = &cases[matrix];
+        let q = affine.quantize(w, settings).unwrap();
+        let same = |a: &mlx_rs::Array, b: &mlx_rs::Array| {
+            a.shape() == b.shape()
+                && mlx_rs::ops::array_eq(a, b, None)
+                    .unwrap()
+                    .item_exact::<bool>()
+        };
+        assert!(same(&q.packed, expected_q), "{stem}: packed codes differ");
+        assert!(
+            same(&q.scales, &cases[&format!("{stem}.scales")]),
+            "{stem}: scales differ"
+        );
+        assert!(
+            same(
+                q.biases.as_ref().unwrap(),
+                &cases[&format!("{stem}.biases")]
+            ),
+            "{stem}: biases differ"
+        );
+        let deq = affine.dequantize(&q).unwrap();
+        assert!(
+            same(&deq, &cases[&format!("{stem}.deq")]),
+            "{stem}: de-quantized values differ"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} cases checked");
+}
+
+// Checkpoints quantized and saved by mlx-lm itself (make_mlx_fixtures.py),
+// with mlx-lm's logits on the same input: loading them here must give the
+// same logits.
+
+#[test]
+fn mlx_lm_4bit_llama_matches_mlx_lm() {
+    mlx_zoo_tests::assert_parity("llama-gqa-q4");
+}
+
+#[test]
+fn mlx_lm_8bit_llama_with_float_layers_matches_mlx_lm() {
+    mlx_zoo_tests::assert_parity("llama-gqa-q8");
+}
+
+#[test]
+fn mlx_lm_mixed_precision_llama_matches_mlx_lm() {
+    mlx_zoo_tests::assert_parity("llama-gqa-mixed");
+}
+
+#[test]
+fn mlx_lm_4bit_mixtral_experts_match_mlx_lm() {
+    mlx_zoo_tests::assert_parity("mixtral-moe-q4");
+}
+
+#[test]
+fn mlx_lm_4bit_phi3_fused_projections_match_mlx_lm() {
+    mlx_zoo_tests::assert_parity("phi3-q4");
+}
+
+#[test]
+fn mlx_lm_4bit_tied_qwen2_matches_mlx_lm() {
+    mlx_zoo_tests::assert_parity("qwen2-q4");
+}
+
+// Models written by mlx-zoo, read by mlx-lm (mlx_lm_reads_zoo.py records
+// mlx-lm's logits on them): the committed model must still be exactly what
+// mlx-zoo writes today, and mlx-lm's logits on it must equal ours.
+
+fn assert_mlx_lm_reads_what_we_write(case: &str, source: &str, plan: QuantPlan) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = load_with(&fixture(source), Some(plan)).unwrap();
+    save_mlx_model(
+        &model,
+        &fixture(source),
+        tmp.path(),
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let today = std::fs::read(tmp.path().join("model.safetensors")).unwrap();
+    let committed = std::fs::read(fixture(case).join("model.safetensors")).unwrap();
+    assert!(
+        today == committed,
+        "{case}: zoo convert no longer writes the committed bytes"
+    );
+    mlx_zoo_tests::assert_parity(case);
+}
+
+#[test]
+fn mlx_lm_reads_our_4bit_llama_with_our_logits() {
+    assert_mlx_lm_reads_what_we_write("zoo-llama-gqa-q4", "llama-gqa", uniform(4, 32).unwrap());
+}
+
+#[test]
+fn mlx_lm_reads_our_mixed_recipe_with_our_logits() {
+    let plan = QuantPlan::recipe("mixed-4-6", 32, 2).unwrap();
+    assert_mlx_lm_reads_what_we_write("zoo-llama-gqa-mixed", "llama-gqa", plan);
+}
+
+#[test]
+fn mlx_lm_reads_our_4bit_mixtral_with_our_logits() {
+    assert_mlx_lm_reads_what_we_write("zoo-mixtral-moe-q4", "mixtral-moe", uniform(4, 32).unwrap());
 }

@@ -105,6 +105,12 @@ impl Architecture for MixtralArchitecture {
                 )
             })
             .collect();
+        // mlx-lm writes the experts already stacked (always so when quantized).
+        rules.extend(EXPERT_PROJECTIONS.iter().map(|(_, model)| {
+            Rule::keep(&format!(
+                "model.layers.{{L}}.block_sparse_moe.switch_mlp.{model}.weight"
+            ))
+        }));
         rules.extend(decoder_rules(config.tie_word_embeddings));
         Box::new(MappingTable::from_rules(rules))
     }

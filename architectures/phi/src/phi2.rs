@@ -238,7 +238,7 @@ impl CausalLm for Phi {
         let ctx = || "running the phi model".to_owned();
         let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0) as usize;
         let mask = causal_mask(tokens.shape()[1] as usize, offset, None)?;
-        let mut x = self.model.embed_tokens.forward(tokens).context(ctx)?;
+        let mut x = self.model.embed_tokens.embed(tokens)?;
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
             let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
             let h = layer.input_layernorm.forward(&x).context(ctx)?;
@@ -262,6 +262,7 @@ impl CausalLm for Phi {
                 .visit_linears(&format!("{prefix}.self_attn"), visit)?;
             layer.mlp.visit_linears(&format!("{prefix}.mlp"), visit)?;
         }
+        visit("model.embed_tokens", &mut self.model.embed_tokens)?;
         visit("lm_head", &mut self.lm_head)
     }
 }

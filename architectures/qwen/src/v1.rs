@@ -18,13 +18,15 @@
 
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Module;
-use mlx_rs::nn::{Embedding, RmsNorm};
+use mlx_rs::nn::RmsNorm;
 use mlx_rs::Array;
 use mlx_zoo_core::cache::LayerKv;
 use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::model::LinearVisitor;
-use mlx_zoo_core::nn::{causal_mask, embedding, linear, rms_norm, AttentionMask, Linear, Rope};
+use mlx_zoo_core::nn::{
+    causal_mask, embedding, linear, rms_norm, AttentionMask, Embedding, Linear, Rope,
+};
 use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -383,7 +385,7 @@ impl CausalLm for Qwen {
         let rope = Rope::new(rotary, base, None, self.config.max_position_embeddings)?;
         let logn = self.logn_scale(offset, queries);
         let mask = causal_mask(queries, offset, None)?;
-        let mut h = self.transformer.wte.forward(tokens).context(ctx)?;
+        let mut h = self.transformer.wte.embed(tokens)?;
         for (i, block) in self.transformer.h.iter_mut().enumerate() {
             let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
             let normed = block.ln_1.forward(&h).context(ctx)?;
@@ -404,7 +406,7 @@ impl CausalLm for Qwen {
         let h = self.transformer.ln_f.forward(&h).context(ctx)?;
         match &mut self.lm_head {
             Some(head) => head.forward(&h),
-            None => self.transformer.wte.as_linear(&h).context(ctx),
+            None => self.transformer.wte.forward(&h),
         }
     }
 
@@ -421,6 +423,7 @@ impl CausalLm for Qwen {
             visit(&format!("{prefix}.mlp.w2"), &mut block.mlp.w2)?;
             visit(&format!("{prefix}.mlp.c_proj"), &mut block.mlp.c_proj)?;
         }
+        visit("transformer.wte", &mut self.transformer.wte)?;
         if let Some(head) = &mut self.lm_head {
             visit("lm_head", head)?;
         }

@@ -11,6 +11,7 @@ use crate::error::{Error, MlxContext, Result};
 use crate::mapping::{MappingReport, WeightMapper};
 use crate::model::{CausalLm, ModelDims};
 use crate::quantize::apply::{plan_from_config_block, QuantizeMode};
+use crate::quantize::QuantSettings;
 use crate::quantize::{quantize_model, QuantPlan, QuantizationReport};
 use crate::registry::{Candidate, Registry};
 use mlx_rs::module::ModuleParameters;
@@ -149,50 +150,89 @@ struct Opened {
     checkpoint: Checkpoint,
     config: HfConfig,
     never_quantize: Vec<String>,
-    /// The plan recorded by an MLX-format quantized checkpoint.
-    stored_quantization: Option<QuantPlan>,
+    /// Whether the checkpoint is an MLX-format quantized one.
+    quantized: bool,
 }
 
 impl Opened {
     /// Builds the model, shaped for the checkpoint's quantization if any.
+    ///
+    /// As mlx-lm does, a layer counts as quantized when the checkpoint holds
+    /// its `scales`; its bits and group size follow from the stored shapes
+    /// (`in * bits / 32` packed columns, `in / group` scales per row), which
+    /// also covers layers mlx-lm leaves out of the config block.
     fn build(&self) -> Result<(Box<dyn CausalLm>, Option<QuantizationReport>)> {
         let mut model = self.prepared.build()?;
-        let report = match &self.stored_quantization {
-            Some(plan) => {
-                let never: Vec<&str> = self.never_quantize.iter().map(String::as_str).collect();
-                Some(quantize_model(
-                    model.as_mut(),
-                    plan,
-                    &never,
-                    QuantizeMode::Placeholders,
-                )?)
+        if !self.quantized {
+            return Ok((model, None));
+        }
+        let tensors = self.checkpoint.tensors();
+        let plan = self
+            .prepared
+            .weight_mapper(&tensors)
+            .plan(&tensors, &expected_shapes(model.as_ref()));
+        let produced = plan.produced;
+        let mut report = QuantizationReport::default();
+        model.visit_linears(&mut |path, layer| {
+            let Some(scales) = produced.get(&format!("{path}.scales")) else {
+                report
+                    .kept
+                    .insert(path.to_owned(), "stored in full precision".to_owned());
+                return Ok(());
+            };
+            let packed = produced.get(&format!("{path}.weight")).ok_or_else(|| {
+                Error::Mapping(format!("{path} has scales but no weight in the checkpoint"))
+            })?;
+            let input = layer.input_dims();
+            let (groups, words) = (
+                scales.last().copied().unwrap_or(0) as usize,
+                packed.last().copied().unwrap_or(0) as usize,
+            );
+            if groups == 0 || input % groups != 0 || (words * 32) % input != 0 {
+                return Err(Error::Mapping(format!(
+                    "{path}: quantized weight with {words} packed columns and {groups} groups per row does not fit {input} input features"
+                )));
             }
-            None => None,
-        };
-        Ok((model, report))
+            let settings = QuantSettings {
+                bits: (words * 32 / input) as u8,
+                group_size: input / groups,
+            };
+            layer
+                .quantized_placeholder(settings)
+                .map_err(|e| Error::Mapping(format!("{path}: {e}")))?;
+            report.quantized.insert(path.to_owned(), settings);
+            Ok(())
+        })?;
+        Ok((model, Some(report)))
     }
 }
 
-/// The quantization an MLX-format `config.json` records, refusing formats
-/// this crate cannot read yet.
-fn stored_quantization(config: &HfConfig) -> Result<Option<QuantPlan>> {
+/// Whether `config.json` describes an MLX-format quantized checkpoint,
+/// refusing quantized formats this crate cannot read yet.
+fn is_quantized_checkpoint(config: &HfConfig) -> Result<bool> {
     let raw = config.raw();
     if let Some(block) = raw.get("quantization") {
-        return plan_from_config_block(block).map(Some);
+        // Validates the block's global settings.
+        plan_from_config_block(block)?;
+        return Ok(true);
     }
     if let Some(block) = raw.get("quantization_config") {
-        if let Some(method) = block
+        let method = block
             .get("quant_method")
-            .and_then(serde_json::Value::as_str)
-        {
+            .and_then(serde_json::Value::as_str);
+        if let Some(method) = method {
             return Err(Error::config(
                 "quantization_config.quant_method",
-                format!("{method:?} checkpoints cannot be loaded yet; expected an MLX-format model (`quantization` with bits and group_size)"),
+                format!(
+                    "{method:?} checkpoints cannot be loaded yet; expected an MLX-format model \
+                     (`quantization` with bits and group_size)"
+                ),
             ));
         }
-        return plan_from_config_block(block).map(Some);
+        plan_from_config_block(block)?;
+        return Ok(true);
     }
-    Ok(None)
+    Ok(false)
 }
 
 fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
@@ -205,7 +245,7 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
     let config = HfConfig::from_file(&dir.join("config.json"))?;
     let resolution = registry.resolve(&config)?;
     let prepared = resolution.prepare(&config)?;
-    let stored_quantization = stored_quantization(&config)?;
+    let quantized = is_quantized_checkpoint(&config)?;
     let checkpoint = Checkpoint::open(dir)?;
     Ok(Opened {
         dir: dir.to_path_buf(),
@@ -216,7 +256,7 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
         prepared,
         checkpoint,
         config,
-        stored_quantization,
+        quantized,
     })
 }
 

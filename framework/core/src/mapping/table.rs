@@ -67,6 +67,8 @@ pub enum Op {
 pub struct MappingPlan {
     /// The steps, in execution order (ties last).
     pub ops: Vec<Op>,
+    /// The shape every produced parameter will have.
+    pub produced: BTreeMap<String, Vec<i64>>,
     /// The report.
     pub report: MappingReport,
 }
@@ -419,7 +421,15 @@ impl WeightMapper for MappingTable {
             }
         }
         report.sort();
-        MappingPlan { ops, report }
+        let produced = produced
+            .into_iter()
+            .map(|(name, (shape, _))| (name, shape))
+            .collect();
+        MappingPlan {
+            ops,
+            produced,
+            report,
+        }
     }
 
     fn export(&self, params: &BTreeMap<String, Array>) -> Result<BTreeMap<String, Array>> {

@@ -10,8 +10,8 @@
 //! it maps Hugging Face checkpoints mostly by keeping names.
 
 use super::attention::{Attention, AttentionConfig};
-use super::layers::{embedding, rms_norm, Embedding, RmsNorm};
-use super::linear::{linear, Linear};
+use super::layers::{rms_norm, RmsNorm};
+use super::linear::{embedding, linear, Embedding, Linear};
 use super::mask::causal_mask;
 use super::mlp::{Activation, SwiGlu};
 use super::moe::SparseMoe;
@@ -183,7 +183,7 @@ impl CausalLm for Decoder {
         let ctx = || "running the decoder".to_owned();
         let queries = tokens.shape()[1] as usize;
         let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0) as usize;
-        let mut h = self.model.embed_tokens.forward(tokens).context(ctx)?;
+        let mut h = self.model.embed_tokens.embed(tokens)?;
         let mut masks: Vec<(Option<usize>, super::attention::AttentionMask)> = Vec::new();
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
             let mask = match masks.iter().find(|(w, _)| *w == layer.window) {
@@ -207,7 +207,7 @@ impl CausalLm for Decoder {
         let h = self.model.norm.forward(&h).context(ctx)?;
         match &mut self.lm_head {
             Some(head) => head.forward(&h),
-            None => self.model.embed_tokens.as_linear(&h).context(ctx),
+            None => self.model.embed_tokens.forward(&h),
         }
     }
 
@@ -225,11 +225,12 @@ impl CausalLm for Decoder {
                 mlp.visit_linears(&format!("{prefix}.mlp"), visit)?;
             }
             if let Some(moe) = &mut layer.block_sparse_moe {
-                // The experts are stacked tensors, not linear layers; the
-                // router is one.
                 visit(&format!("{prefix}.block_sparse_moe.gate"), &mut moe.gate)?;
+                moe.switch_mlp
+                    .visit_linears(&format!("{prefix}.block_sparse_moe.switch_mlp"), visit)?;
             }
         }
+        visit("model.embed_tokens", &mut self.model.embed_tokens)?;
         if let Some(head) = &mut self.lm_head {
             visit("lm_head", head)?;
         }

@@ -6,7 +6,7 @@ use crate::error::{MlxContext, Result};
 use mlx_rs::module::Param;
 use mlx_rs::Array;
 
-pub use mlx_rs::nn::{Embedding, LayerNorm, RmsNorm};
+pub use mlx_rs::nn::{LayerNorm, RmsNorm};
 
 fn zeros(shape: &[i32]) -> Result<Array> {
     mlx_rs::ops::zeros::<f32>(shape).context(|| format!("allocating a {shape:?} parameter"))
@@ -27,12 +27,5 @@ pub fn layer_norm(dims: usize, eps: f32) -> Result<LayerNorm> {
         eps,
         weight: Param::new(Some(zeros(&[dims as i32])?)),
         bias: Param::new(Some(zeros(&[dims as i32])?)),
-    })
-}
-
-/// An embedding table of `vocab` rows of `dims` features.
-pub fn embedding(vocab: usize, dims: usize) -> Result<Embedding> {
-    Ok(Embedding {
-        weight: Param::new(zeros(&[vocab as i32, dims as i32])?),
     })
 }

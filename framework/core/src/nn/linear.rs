@@ -4,6 +4,12 @@
 //! `biases` entry per group of `group_size` inputs (`[out, in / group]`),
 //! which is how mlx-lm names and stores a quantized linear layer.
 //!
+//! The same type serves as an embedding table (`[vocab, dims]`, looked up
+//! with [`Linear::embed`], and applied as the tied output projection with
+//! [`Linear::forward`]) and as a stack of expert projections
+//! (`[experts, out, in]`, applied with [`Linear::gather_forward`]), so
+//! quantization and adapters reach every weight matrix through one type.
+//!
 //! On the CPU, MLX's quantized matmul is far slower than de-quantizing the
 //! weight and running the float matmul through BLAS once a call has more
 //! than a few rows; [`Linear::forward`] picks the faster path per call (see
@@ -51,6 +57,30 @@ pub struct Linear {
     pub quantization: Option<QuantSettings>,
 }
 
+/// The embedding table type: a [`Linear`] of `[vocab, dims]`.
+pub type Embedding = Linear;
+
+/// An embedding table of `vocab` rows of `dims` features (lazy zeros).
+pub fn embedding(vocab: usize, dims: usize) -> Result<Embedding> {
+    linear(dims, vocab, false)
+}
+
+/// A stack of `experts` float projections of `input` -> `output` features
+/// (lazy zeros), applied with [`Linear::gather_forward`].
+pub fn expert_linear(experts: usize, input: usize, output: usize) -> Result<Linear> {
+    let shape = [experts as i32, output as i32, input as i32];
+    Ok(Linear {
+        weight: Param::new(
+            mlx_rs::ops::zeros::<f32>(&shape)
+                .context(|| format!("allocating {shape:?} expert weights"))?,
+        ),
+        bias: Param::new(None),
+        scales: Param::new(None),
+        biases: Param::new(None),
+        quantization: None,
+    })
+}
+
 /// A float layer of `input` -> `output` features whose weights start as
 /// (lazy) zeros, to be loaded.
 pub fn linear(input: usize, output: usize, bias: bool) -> Result<Linear> {
@@ -71,14 +101,22 @@ pub fn linear(input: usize, output: usize, bias: bool) -> Result<Linear> {
 }
 
 impl Linear {
-    /// Output features.
+    /// Output features (rows of the weight, or of each expert's weight).
     pub fn output_dims(&self) -> usize {
-        self.weight.as_ref().shape()[0] as usize
+        let shape = self.weight.as_ref().shape();
+        shape[shape.len() - 2] as usize
+    }
+
+    /// Leading dimensions before `[out, in]` (`[experts]` for expert stacks).
+    fn leading(&self) -> Vec<i32> {
+        let shape = self.weight.as_ref().shape();
+        shape[..shape.len() - 2].to_vec()
     }
 
     /// Input features.
     pub fn input_dims(&self) -> usize {
-        let stored = self.weight.as_ref().shape()[1] as usize;
+        let shape = self.weight.as_ref().shape();
+        let stored = shape[shape.len() - 1] as usize;
         match self.quantization {
             Some(q) => stored * 32 / q.bits as usize,
             None => stored,
@@ -153,11 +191,67 @@ impl Linear {
         let packed_cols = (input * settings.bits as usize / 32) as i32;
         let groups = (input / settings.group_size) as i32;
         let ctx = || "allocating quantized placeholders".to_owned();
-        let packed = mlx_rs::ops::zeros::<u32>(&[output, packed_cols]).context(ctx)?;
-        let scales = mlx_rs::ops::zeros::<f32>(&[output, groups]).context(ctx)?;
-        let biases = mlx_rs::ops::zeros::<f32>(&[output, groups]).context(ctx)?;
+        let shape = |last: i32| {
+            let mut shape = self.leading();
+            shape.extend([output, last]);
+            shape
+        };
+        let packed = mlx_rs::ops::zeros::<u32>(&shape(packed_cols)).context(ctx)?;
+        let scales = mlx_rs::ops::zeros::<f32>(&shape(groups)).context(ctx)?;
+        let biases = mlx_rs::ops::zeros::<f32>(&shape(groups)).context(ctx)?;
         self.set_quantized(packed, scales, Some(biases), settings);
         Ok(())
+    }
+
+    /// Looks up rows of an embedding table for token ids of any shape,
+    /// giving `[..., dims]`.
+    pub fn embed(&self, ids: &Array) -> Result<Array> {
+        let ctx = || "looking up embeddings".to_owned();
+        let rows = self.weight.as_ref().take_axis(ids, 0).context(ctx)?;
+        match self.quantization {
+            None => Ok(rows),
+            Some(q) => {
+                let scales = self.scales_array()?.take_axis(ids, 0).context(ctx)?;
+                let biases = match self.biases.as_ref() {
+                    Some(b) => Some(b.take_axis(ids, 0).context(ctx)?),
+                    None => None,
+                };
+                mlx_rs::ops::dequantize(
+                    &rows,
+                    &scales,
+                    biases.as_ref(),
+                    q.group_size as i32,
+                    q.bits as i32,
+                )
+                .context(ctx)
+            }
+        }
+    }
+
+    /// Applies the experts chosen by `indices` (`[tokens, k]`) of an expert
+    /// stack to `x` (`[tokens, 1, 1, in]` or `[tokens, k, 1, in]`), giving
+    /// `[tokens, k, 1, out]`.
+    pub fn gather_forward(&self, x: &Array, indices: &Array) -> Result<Array> {
+        let ctx = || "applying the selected experts".to_owned();
+        match self.quantization {
+            None => {
+                let weight = self.weight.as_ref().swap_axes(-1, -2).context(ctx)?;
+                mlx_rs::ops::gather_mm(x, &weight, None, indices, None).context(ctx)
+            }
+            Some(q) => mlx_rs::ops::gather_qmm(
+                x,
+                self.weight.as_ref(),
+                self.scales_array()?,
+                self.biases.as_ref().as_ref(),
+                None,
+                indices,
+                true,
+                q.group_size as i32,
+                q.bits as i32,
+                None,
+            )
+            .context(ctx),
+        }
     }
 
     /// `x @ weight.T + bias`.

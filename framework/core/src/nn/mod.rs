@@ -16,8 +16,10 @@ pub use attention::{Attention, AttentionConfig, AttentionMask};
 pub use decoder::{
     decoder_rules, output_rules, Decoder, DecoderBlock, DecoderConfig, DecoderStack, MoeConfig,
 };
-pub use layers::{embedding, layer_norm, rms_norm, Embedding, LayerNorm, RmsNorm};
-pub use linear::{dequantize_rows, linear, set_dequantize_rows, Linear};
+pub use layers::{layer_norm, rms_norm, LayerNorm, RmsNorm};
+pub use linear::{
+    dequantize_rows, embedding, expert_linear, linear, set_dequantize_rows, Embedding, Linear,
+};
 pub use mask::causal_mask;
 pub use mlp::{Activation, GeluMlp, SwiGlu};
 pub use moe::{SparseMoe, SwitchGlu};

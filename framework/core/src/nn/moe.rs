@@ -4,57 +4,25 @@
 //! Expert weights are stacked along a leading expert axis and applied with
 //! MLX's `gather_mm`, so only the chosen experts are computed.
 
-use super::linear::{linear, Linear};
+use super::linear::{expert_linear, linear, Linear};
 use super::mlp::Activation;
 use crate::error::{Error, MlxContext, Result};
+use crate::model::LinearVisitor;
 use mlx_rs::macros::ModuleParameters;
-use mlx_rs::module::Param;
 use mlx_rs::Array;
-
-/// A linear layer per expert: weight `[experts, output, input]`.
-#[derive(Debug, ModuleParameters)]
-pub struct SwitchLinear {
-    /// Stacked expert weights.
-    #[param]
-    pub weight: Param<Array>,
-}
-
-impl SwitchLinear {
-    fn new(experts: usize, input: usize, output: usize) -> Result<Self> {
-        let shape = [experts as i32, output as i32, input as i32];
-        Ok(Self {
-            weight: Param::new(
-                mlx_rs::ops::zeros::<f32>(&shape)
-                    .context(|| format!("allocating {shape:?} expert weights"))?,
-            ),
-        })
-    }
-
-    /// `x` is `[tokens, 1, 1, input]` (or `[tokens, k, 1, input]`),
-    /// `indices` `[tokens, k]`; the result is `[tokens, k, 1, output]`.
-    fn forward(&self, x: &Array, indices: &Array) -> Result<Array> {
-        let weight = self
-            .weight
-            .as_ref()
-            .swap_axes(-1, -2)
-            .context(|| "transposing expert weights".into())?;
-        mlx_rs::ops::gather_mm(x, &weight, None, indices, None)
-            .context(|| "applying the selected experts".into())
-    }
-}
 
 /// The experts' gated MLPs: `down(act(gate(x)) * up(x))` per expert.
 #[derive(Debug, ModuleParameters)]
 pub struct SwitchGlu {
     /// Gate projections (Mixtral's `w1`).
     #[param]
-    pub gate_proj: SwitchLinear,
+    pub gate_proj: Linear,
     /// Up projections (Mixtral's `w3`).
     #[param]
-    pub up_proj: SwitchLinear,
+    pub up_proj: Linear,
     /// Down projections (Mixtral's `w2`).
     #[param]
-    pub down_proj: SwitchLinear,
+    pub down_proj: Linear,
     activation: Activation,
 }
 
@@ -67,11 +35,18 @@ impl SwitchGlu {
         activation: Activation,
     ) -> Result<Self> {
         Ok(Self {
-            gate_proj: SwitchLinear::new(experts, hidden, intermediate)?,
-            up_proj: SwitchLinear::new(experts, hidden, intermediate)?,
-            down_proj: SwitchLinear::new(experts, intermediate, hidden)?,
+            gate_proj: expert_linear(experts, hidden, intermediate)?,
+            up_proj: expert_linear(experts, hidden, intermediate)?,
+            down_proj: expert_linear(experts, intermediate, hidden)?,
             activation,
         })
+    }
+
+    /// Visits `gate_proj`, `up_proj` and `down_proj` under `prefix`.
+    pub fn visit_linears(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) -> Result<()> {
+        visit(&format!("{prefix}.gate_proj"), &mut self.gate_proj)?;
+        visit(&format!("{prefix}.up_proj"), &mut self.up_proj)?;
+        visit(&format!("{prefix}.down_proj"), &mut self.down_proj)
     }
 
     /// `x` is `[tokens, hidden]`, `indices` `[tokens, k]`; returns
@@ -82,9 +57,9 @@ impl SwitchGlu {
         let x = x.reshape(&[tokens, 1, 1, hidden]).context(ctx)?;
         let gate = self
             .activation
-            .apply(&self.gate_proj.forward(&x, indices)?)?;
-        let up = self.up_proj.forward(&x, indices)?;
-        let out = self.down_proj.forward(&(gate * up), indices)?;
+            .apply(&self.gate_proj.gather_forward(&x, indices)?)?;
+        let up = self.up_proj.gather_forward(&x, indices)?;
+        let out = self.down_proj.gather_forward(&(gate * up), indices)?;
         mlx_rs::ops::squeeze_axes(&out, &[-2]).context(ctx)
     }
 }

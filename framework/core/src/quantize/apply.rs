@@ -109,11 +109,12 @@ impl QuantizationReport {
         let mut block = Map::new();
         block.insert("group_size".into(), json!(default.group_size));
         block.insert("bits".into(), json!(default.bits));
+        block.insert("mode".into(), json!("affine"));
         for (path, settings) in &self.quantized {
             if *settings != default {
                 block.insert(
                     path.clone(),
-                    json!({"group_size": settings.group_size, "bits": settings.bits}),
+                    json!({"group_size": settings.group_size, "bits": settings.bits, "mode": "affine"}),
                 );
             }
         }
