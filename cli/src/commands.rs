@@ -115,7 +115,7 @@ fn print_report(report: &MappingReport) {
 }
 
 /// `zoo inspect`.
-pub fn inspect(model: &Path, json: bool) -> Result<()> {
+pub fn inspect(model: &Path, json: bool, layers: bool) -> Result<()> {
     let inspection = loader::inspect(&registry()?, model)
         .with_context(|| format!("inspecting {}", model.display()))?;
     if json {
@@ -152,6 +152,20 @@ pub fn inspect(model: &Path, json: bool) -> Result<()> {
         })
         .collect();
     println!("files         {}", files.join(", "));
+    if layers {
+        println!("layers");
+        for layer in &inspection.layers {
+            let q = match layer.quantization {
+                Some(q) => format!("{} bits, group {}", q.bits, q.group_size),
+                None => "full precision".to_owned(),
+            };
+            println!(
+                "    {:<48} {:>10}  {q}",
+                layer.path,
+                bytes(layer.bytes as usize)
+            );
+        }
+    }
     print_report(&inspection.report);
     Ok(())
 }
@@ -403,7 +417,7 @@ pub fn demo(model: Option<&Path>) -> Result<()> {
         "MLX {} on {} with {}\n",
         info.mlx_version, info.device, info.blas.name
     );
-    inspect(&dir, false)?;
+    inspect(&dir, false, false)?;
 
     let started = std::time::Instant::now();
     let mut loaded = loader::load(&registry()?, &dir, &LoadOptions::default())

@@ -61,6 +61,9 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// List every weight matrix with its quantization and size.
+        #[arg(long)]
+        layers: bool,
     },
     /// Write MODEL as an MLX-format model (the layout mlx-lm reads),
     /// optionally quantized.
@@ -139,7 +142,11 @@ fn main() -> ExitCode {
         Command::Demo { model } => commands::demo(model.as_deref()),
         Command::Archs { json } => commands::archs(json),
         Command::Info { json } => commands::info(json),
-        Command::Inspect { model, json } => commands::inspect(&model, json),
+        Command::Inspect {
+            model,
+            json,
+            layers,
+        } => commands::inspect(&model, json, layers),
         Command::Convert {
             model,
             out,

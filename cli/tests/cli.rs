@@ -193,3 +193,26 @@ fn inspect_and_logits_work_for_every_family() {
         );
     }
 }
+
+#[test]
+fn inspect_lists_each_layer_with_its_quantization_and_size() {
+    let out = stdout(&zoo(&[
+        "inspect",
+        fixture("llama-gqa-mixed").to_str().unwrap(),
+        "--layers",
+    ]));
+    assert!(out.contains("quantization  "), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("model.layers.0.self_attn.v_proj"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("6 bits, group 32") && line.contains("2.0 KiB"),
+        "{line}"
+    );
+    let kept = out
+        .lines()
+        .find(|l| l.contains("model.layers.0.self_attn.o_proj") && l.contains("KiB"))
+        .unwrap();
+    assert!(kept.contains("full precision"), "{kept}");
+}

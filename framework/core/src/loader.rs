@@ -96,8 +96,22 @@ pub struct Inspection {
     /// How the checkpoint's layers are quantized, if it is an MLX-format
     /// quantized checkpoint.
     pub quantization: Option<QuantizationReport>,
+    /// Every weight matrix (linear layer, embedding table, expert stack):
+    /// its quantization and the bytes its tensors take in the checkpoint.
+    pub layers: Vec<LayerSummary>,
     /// The mapping report.
     pub report: MappingReport,
+}
+
+/// One weight matrix of a model, as `inspect` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSummary {
+    /// Module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// Its quantization, if any.
+    pub quantization: Option<QuantSettings>,
+    /// Bytes of its tensors (weight, scales, biases, bias) in the checkpoint.
+    pub bytes: u64,
 }
 
 /// A loaded model.
@@ -171,7 +185,11 @@ impl Opened {
             .prepared
             .weight_mapper(&tensors)
             .plan(&tensors, &expected_shapes(model.as_ref()));
-        let produced = plan.produced;
+        let produced: BTreeMap<String, Vec<i64>> = plan
+            .produced
+            .into_iter()
+            .map(|(name, (shape, _))| (name, shape))
+            .collect();
         let mut report = QuantizationReport::default();
         model.visit_linears(&mut |path, layer| {
             let Some(scales) = produced.get(&format!("{path}.scales")) else {
@@ -277,13 +295,36 @@ pub fn inspect(registry: &Registry, dir: &Path) -> Result<Inspection> {
         .values()
         .map(|s| s.iter().product::<i64>() as u64)
         .sum();
-    let (model, quantization) = opened.build()?;
+    let (mut model, quantization) = opened.build()?;
     let expected = expected_shapes(model.as_ref());
     let tensors = opened.checkpoint.tensors();
     let plan = opened
         .prepared
         .weight_mapper(&tensors)
         .plan(&tensors, &expected);
+    let mut layers = Vec::new();
+    model.visit_linears(&mut |path, layer| {
+        let prefix = format!("{path}.");
+        let bytes = plan
+            .produced
+            .iter()
+            .filter(|(name, _)| name.starts_with(&prefix) && !name[prefix.len()..].contains('.'))
+            .map(|(_, (shape, source))| {
+                let first = source.split('+').next().unwrap_or(source);
+                let dtype = tensors
+                    .get(first)
+                    .map(|t| t.dtype.as_str())
+                    .unwrap_or("F32");
+                shape.iter().product::<i64>() as u64 * dtype_bytes(dtype)
+            })
+            .sum();
+        layers.push(LayerSummary {
+            path: path.to_owned(),
+            quantization: layer.quantization,
+            bytes,
+        });
+        Ok(())
+    })?;
     let weight_bytes = tensors
         .values()
         .map(|t| t.shape.iter().product::<i64>() as u64 * dtype_bytes(&t.dtype))
@@ -299,6 +340,7 @@ pub fn inspect(registry: &Registry, dir: &Path) -> Result<Inspection> {
         files: opened.checkpoint.files(),
         weight_bytes,
         quantization,
+        layers,
         report: plan.report,
     })
 }

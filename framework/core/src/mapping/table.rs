@@ -67,8 +67,10 @@ pub enum Op {
 pub struct MappingPlan {
     /// The steps, in execution order (ties last).
     pub ops: Vec<Op>,
-    /// The shape every produced parameter will have.
-    pub produced: BTreeMap<String, Vec<i64>>,
+    /// Every parameter the plan produces: its shape and the checkpoint
+    /// tensor(s) it comes from (`a+b` for a stack, the source parameter for
+    /// a tie).
+    pub produced: BTreeMap<String, (Vec<i64>, String)>,
     /// The report.
     pub report: MappingReport,
 }
@@ -421,10 +423,6 @@ impl WeightMapper for MappingTable {
             }
         }
         report.sort();
-        let produced = produced
-            .into_iter()
-            .map(|(name, (shape, _))| (name, shape))
-            .collect();
         MappingPlan {
             ops,
             produced,
