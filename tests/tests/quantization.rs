@@ -394,3 +394,109 @@ fn mlx_lm_reads_our_mixed_recipe_with_our_logits() {
 fn mlx_lm_reads_our_4bit_mixtral_with_our_logits() {
     assert_mlx_lm_reads_what_we_write("zoo-mixtral-moe-q4", "mixtral-moe", uniform(4, 32).unwrap());
 }
+
+// Pre-quantized Hugging Face checkpoints (make_prequantized_fixtures.py),
+// repacked into MLX's layout at load; the reference logits come from
+// PyTorch on the de-quantized weights.
+
+#[test]
+fn gptq_checkpoint_matches_its_dequantized_reference() {
+    mlx_zoo_tests::assert_parity("llama-gqa-gptq");
+}
+
+#[test]
+fn awq_checkpoint_matches_its_dequantized_reference() {
+    mlx_zoo_tests::assert_parity("llama-gqa-awq");
+}
+
+#[test]
+fn act_order_gptq_is_refused_with_the_key() {
+    let message = load_with(&fixture("llama-gqa-gptq-actorder"), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("quantization_config.desc_act"),
+        "{message}"
+    );
+}
+
+#[test]
+fn prequantized_checkpoints_convert_to_mlx_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gptq = load_with(&fixture("llama-gqa-gptq"), None).unwrap();
+    assert_eq!(gptq.quantization.quantized.len(), 14);
+    save_mlx_model(
+        &gptq,
+        &fixture("llama-gqa-gptq"),
+        tmp.path(),
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
+    assert!(
+        !config.contains("\"gptq\""),
+        "the GPTQ block must not survive conversion"
+    );
+    let mut converted = load_with(tmp.path(), None).unwrap();
+    let diff = max_abs_diff(
+        &logits(&mut gptq, "llama-gqa"),
+        &logits(&mut converted, "llama-gqa"),
+    );
+    assert_eq!(diff, 0.0);
+}
+
+/// One layer (`model.layers.0.mlp.down_proj`) of each pre-quantized
+/// fixture, checked weight by weight: the repacked codes, scales and biases
+/// equal the MLX layout the fixture script derived, and de-quantize to the
+/// script's de-quantized weight.
+#[test]
+fn prequantized_layers_repack_exactly() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/quant/prequantized.safetensors");
+    let expected = mlx_rs::Array::load_safetensors(&path).unwrap();
+    for (format, case) in [("gptq", "llama-gqa-gptq"), ("awq", "llama-gqa-awq")] {
+        let mut loaded = load_with(&fixture(case), None).unwrap();
+        let mut checked = false;
+        loaded
+            .model
+            .visit_linears(&mut |layer_path, layer| {
+                if layer_path != "model.layers.0.mlp.down_proj" {
+                    return Ok(());
+                }
+                let same = |a: &mlx_rs::Array, b: &mlx_rs::Array| {
+                    a.shape() == b.shape()
+                        && mlx_rs::ops::array_eq(a, b, None)
+                            .unwrap()
+                            .item_exact::<bool>()
+                };
+                assert!(
+                    same(
+                        layer.weight.as_ref(),
+                        &expected[&format!("{format}.mlx.weight")]
+                    ),
+                    "{format}: codes"
+                );
+                assert!(
+                    same(
+                        layer.scales.as_ref().as_ref().unwrap(),
+                        &expected[&format!("{format}.mlx.scales")]
+                    ),
+                    "{format}: scales"
+                );
+                let weight = layer.float_weight().unwrap();
+                let diff = max_abs_diff(
+                    weight.as_slice::<f32>(),
+                    expected[&format!("{format}.deq")].as_slice::<f32>(),
+                );
+                assert!(
+                    diff < 1e-6,
+                    "{format}: de-quantized weight differs by {diff}"
+                );
+                checked = true;
+                Ok(())
+            })
+            .unwrap();
+        assert!(checked, "{format}: layer not found");
+    }
+}

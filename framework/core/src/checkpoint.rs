@@ -236,6 +236,7 @@ impl Checkpoint {
         let shard = &self.shards[location.shard];
         let dtype = match location.meta.dtype.as_str() {
             "U32" => Dtype::Uint32,
+            "I32" => Dtype::Int32,
             "F32" => Dtype::Float32,
             "F16" => Dtype::Float16,
             "BF16" => Dtype::Bfloat16,

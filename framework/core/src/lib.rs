@@ -29,6 +29,7 @@ pub mod loader;
 pub mod mapping;
 pub mod model;
 pub mod nn;
+pub mod prequantized;
 pub mod quantize;
 pub mod registry;
 pub mod runtime;

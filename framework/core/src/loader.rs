@@ -8,7 +8,7 @@ use crate::architecture::Prepared;
 use crate::checkpoint::Checkpoint;
 use crate::config::HfConfig;
 use crate::error::{Error, MlxContext, Result};
-use crate::mapping::{MappingReport, WeightMapper};
+use crate::mapping::{MappingReport, TensorMeta, WeightMapper};
 use crate::model::{CausalLm, ModelDims};
 use crate::quantize::apply::{plan_from_config_block, QuantizeMode};
 use crate::quantize::QuantSettings;
@@ -166,9 +166,39 @@ struct Opened {
     never_quantize: Vec<String>,
     /// Whether the checkpoint is an MLX-format quantized one.
     quantized: bool,
+    /// Tensors standing in for the checkpoint's (GPTQ/AWQ layers repacked
+    /// into MLX's layout), and the checkpoint names they replace.
+    overlay: crate::prequantized::Overlay,
+    replaced: Vec<String>,
 }
 
 impl Opened {
+    /// The checkpoint's tensors as the mapping sees them.
+    fn tensors(&self) -> BTreeMap<String, TensorMeta> {
+        let mut tensors = self.checkpoint.tensors();
+        for name in &self.replaced {
+            tensors.remove(name);
+        }
+        for (name, (meta, _)) in &self.overlay {
+            tensors.insert(name.clone(), meta.clone());
+        }
+        tensors
+    }
+
+    /// Loads a tensor; packed quantized weights stay integers, everything
+    /// else is cast to `dtype`.
+    fn load_tensor(&self, name: &str, meta: Option<&TensorMeta>, dtype: Dtype) -> Result<Array> {
+        let packed = meta.is_some_and(|m| m.dtype == "U32");
+        match self.overlay.get(name) {
+            Some((_, array)) if packed => Ok(array.clone()),
+            Some((_, array)) => array
+                .as_dtype(dtype)
+                .context(|| format!("casting {name} to {dtype:?}")),
+            None if packed => self.checkpoint.load_raw(name),
+            None => self.checkpoint.load(name, dtype),
+        }
+    }
+
     /// Builds the model, shaped for the checkpoint's quantization if any.
     ///
     /// As mlx-lm does, a layer counts as quantized when the checkpoint holds
@@ -180,7 +210,7 @@ impl Opened {
         if !self.quantized {
             return Ok((model, None));
         }
-        let tensors = self.checkpoint.tensors();
+        let tensors = self.tensors();
         let plan = self
             .prepared
             .weight_mapper(&tensors)
@@ -263,8 +293,13 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
     let config = HfConfig::from_file(&dir.join("config.json"))?;
     let resolution = registry.resolve(&config)?;
     let prepared = resolution.prepare(&config)?;
-    let quantized = is_quantized_checkpoint(&config)?;
+    let prequantized = crate::prequantized::detect(&config)?;
+    let quantized = prequantized.is_some() || is_quantized_checkpoint(&config)?;
     let checkpoint = Checkpoint::open(dir)?;
+    let (overlay, replaced) = match prequantized {
+        Some(settings) => crate::prequantized::repack(&checkpoint, settings)?,
+        None => (BTreeMap::new(), Vec::new()),
+    };
     Ok(Opened {
         dir: dir.to_path_buf(),
         architecture: resolution.architecture.name().to_owned(),
@@ -275,6 +310,8 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
         checkpoint,
         config,
         quantized,
+        overlay,
+        replaced,
     })
 }
 
@@ -297,7 +334,7 @@ pub fn inspect(registry: &Registry, dir: &Path) -> Result<Inspection> {
         .sum();
     let (mut model, quantization) = opened.build()?;
     let expected = expected_shapes(model.as_ref());
-    let tensors = opened.checkpoint.tensors();
+    let tensors = opened.tensors();
     let plan = opened
         .prepared
         .weight_mapper(&tensors)
@@ -359,7 +396,7 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
     let opened = open(registry, dir)?;
     let (mut model, stored) = opened.build()?;
     let expected = expected_shapes(model.as_ref());
-    let tensors = opened.checkpoint.tensors();
+    let tensors = opened.tensors();
     let mapper = opened.prepared.weight_mapper(&tensors);
     let plan = mapper.plan(&tensors, &expected);
     if !plan.report.is_clean() && !options.allow_unclean {
@@ -373,14 +410,7 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
     }
     let dtype = options.dtype.dtype();
     // Packed quantized weights stay integers; everything else is cast.
-    let mut params = plan.execute(|name| {
-        let is_packed = tensors.get(name).is_some_and(|t| t.dtype == "U32");
-        if is_packed {
-            opened.checkpoint.load_raw(name)
-        } else {
-            opened.checkpoint.load(name, dtype)
-        }
-    })?;
+    let mut params = plan.execute(|name| opened.load_tensor(name, tensors.get(name), dtype))?;
     if options.allow_unclean {
         // Keep placeholders where the checkpoint's tensor has the wrong shape.
         params.retain(|name, value| {
