@@ -166,6 +166,10 @@ fn inspect_and_logits_work_for_every_family() {
         ("phi3-longrope", "phi3"),
         ("qwen2", "qwen2"),
         ("qwen-v1", "qwen"),
+        ("llama-gqa-q4", "llama"),
+        ("mixtral-moe-q4", "mixtral"),
+        ("llama-gqa-gptq", "llama"),
+        ("llama-gqa-awq", "llama"),
     ] {
         let model = fixture(case);
         let json: serde_json::Value = serde_json::from_str(&stdout(&zoo(&[
