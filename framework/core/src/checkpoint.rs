@@ -227,64 +227,53 @@ impl Checkpoint {
     }
 
     /// Loads `name` into MLX in its stored dtype (packed quantized weights
-    /// are `U32`).
+    /// are `U32`, GPTQ/AWQ ones `I32`).
     pub fn load_raw(&self, name: &str) -> Result<Array> {
-        let location = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::Mapping(format!("tensor {name} is not in the checkpoint")))?;
-        let shard = &self.shards[location.shard];
-        let dtype = match location.meta.dtype.as_str() {
-            "U32" => Dtype::Uint32,
-            "I32" => Dtype::Int32,
-            "F32" => Dtype::Float32,
-            "F16" => Dtype::Float16,
-            "BF16" => Dtype::Bfloat16,
-            other => {
-                return Err(Error::UnsupportedDtype {
-                    path: shard.path.clone(),
-                    tensor: name.to_owned(),
-                    dtype: other.to_owned(),
-                })
-            }
-        };
-        let bytes = &shard.map[location.start..location.end];
-        let shape: Vec<i32> = location.meta.shape.iter().map(|&d| d as i32).collect();
-        // Safety: as in `load`.
-        Ok(unsafe { Array::from_raw_data(bytes.as_ptr().cast(), &shape, dtype) })
+        self.read(name, &["U32", "I32", "F32", "F16", "BF16"])
     }
 
-    /// Loads `name` into MLX, cast to `dtype`.
+    /// Loads a floating-point tensor `name` into MLX, cast to `dtype`.
     pub fn load(&self, name: &str, dtype: Dtype) -> Result<Array> {
-        let location = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::Mapping(format!("tensor {name} is not in the checkpoint")))?;
-        let shard = &self.shards[location.shard];
-        let source_dtype = match location.meta.dtype.as_str() {
-            "F32" => Dtype::Float32,
-            "F16" => Dtype::Float16,
-            "BF16" => Dtype::Bfloat16,
-            other => {
-                return Err(Error::UnsupportedDtype {
-                    path: shard.path.clone(),
-                    tensor: name.to_owned(),
-                    dtype: other.to_owned(),
-                })
-            }
-        };
-        let bytes = &shard.map[location.start..location.end];
-        let shape: Vec<i32> = location.meta.shape.iter().map(|&d| d as i32).collect();
-        // Safety: `bytes` holds exactly product(shape) elements of
-        // `source_dtype` (checked by safetensors when the file was opened),
-        // and MLX copies them before this borrow ends.
-        let array = unsafe { Array::from_raw_data(bytes.as_ptr().cast(), &shape, source_dtype) };
-        if source_dtype == dtype {
+        let array = self.read(name, &["F32", "F16", "BF16"])?;
+        if array.dtype() == dtype {
             Ok(array)
         } else {
             array
                 .as_dtype(dtype)
                 .context(|| format!("casting {name} to {dtype:?}"))
         }
+    }
+
+    /// Copies tensor `name` out of its file, refusing dtypes not in
+    /// `accepted`.
+    fn read(&self, name: &str, accepted: &[&str]) -> Result<Array> {
+        let location = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::Mapping(format!("tensor {name} is not in the checkpoint")))?;
+        let shard = &self.shards[location.shard];
+        let stored = location.meta.dtype.as_str();
+        let dtype = match stored {
+            "U32" => Dtype::Uint32,
+            "I32" => Dtype::Int32,
+            "F32" => Dtype::Float32,
+            "F16" => Dtype::Float16,
+            "BF16" => Dtype::Bfloat16,
+            _ => Dtype::Uint8,
+        };
+        if !accepted.contains(&stored) {
+            return Err(Error::UnsupportedDtype {
+                path: shard.path.clone(),
+                tensor: name.to_owned(),
+                dtype: stored.to_owned(),
+                expected: accepted.join(", "),
+            });
+        }
+        let bytes = &shard.map[location.start..location.end];
+        let shape: Vec<i32> = location.meta.shape.iter().map(|&d| d as i32).collect();
+        // Safety: `bytes` holds exactly product(shape) elements of `dtype`
+        // (checked by safetensors when the file was opened), and MLX copies
+        // them before this borrow ends.
+        Ok(unsafe { Array::from_raw_data(bytes.as_ptr().cast(), &shape, dtype) })
     }
 }

@@ -103,7 +103,7 @@ pub enum Error {
     },
 
     /// A tensor has a dtype the loader does not convert.
-    #[error("{path}: tensor `{tensor}` has dtype {dtype}; expected F32, F16 or BF16")]
+    #[error("{path}: tensor `{tensor}` has dtype {dtype}; expected {expected}")]
     UnsupportedDtype {
         /// The file.
         path: PathBuf,
@@ -111,6 +111,8 @@ pub enum Error {
         tensor: String,
         /// Its dtype.
         dtype: String,
+        /// The dtypes that would do, e.g. `F32, F16 or BF16`.
+        expected: String,
     },
 
     /// The checkpoint's tensors do not fit the model (see the mapping report).
