@@ -11,7 +11,8 @@
 //! * GPTQ (`qweight [in/8, out]` packed along the input: its transpose is
 //!   MLX's packing already; `qzeros [in/g, out/8]` packed along the output;
 //!   `scales [in/g, out]`; `g_idx [in]`). Checkpoints in the original
-//!   ("v1") format store `z - 1`.
+//!   ("v1") format store `z - 1`. Act-order checkpoints (`desc_act`, or a
+//!   `g_idx` that is not `i / group_size`) are refused.
 //! * AWQ GEMM (`qweight [in, out/8]` and `qzeros [in/g, out/8]` packed along
 //!   the output in AWQ's interleaved order; `scales [in/g, out]`).
 
@@ -199,9 +200,14 @@ fn repack_layer(checkpoint: &Checkpoint, prefix: &str, settings: Prequantized) -
     let zero = |grp: usize, o: usize| -> f32 {
         let word = qzeros[grp * (out / 8) + o / 8];
         match settings.format {
-            PrequantizedFormat::Gptq { zero_offset } => {
-                (nibble(word, o % 8) as i32 + zero_offset) as f32
+            // The original format stores zero - 1 in every nibble; adding
+            // 1 to each nibble of the whole word (with carries, as
+            // GPTQModel's v1 -> v2 conversion does) restores it, which also
+            // reads a stored zero of 0 the way GPTQModel's writer meant it.
+            PrequantizedFormat::Gptq { zero_offset: 1 } => {
+                nibble((word as u32).wrapping_add(0x1111_1111) as i32, o % 8) as f32
             }
+            PrequantizedFormat::Gptq { .. } => nibble(word, o % 8) as f32,
             PrequantizedFormat::Awq => {
                 let k = AWQ_ORDER.iter().position(|&c| c == o % 8).unwrap_or(0);
                 nibble(word, k) as f32
