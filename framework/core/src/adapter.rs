@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The settings shared by adapters of the LoRA family.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdapterSettings {
     /// Rank of the low-rank update.
     pub rank: usize,
@@ -20,6 +20,18 @@ pub struct AdapterSettings {
     pub dropout: f32,
     /// Use rsLoRA's `alpha / sqrt(rank)` scale.
     pub rslora: bool,
+}
+
+impl AdapterSettings {
+    /// The factor applied to the low-rank update: `alpha / rank`, or
+    /// `alpha / sqrt(rank)` with rsLoRA.
+    pub fn scale(&self) -> f32 {
+        if self.rslora {
+            self.alpha / (self.rank as f32).sqrt()
+        } else {
+            self.alpha / self.rank as f32
+        }
+    }
 }
 
 /// The parameters an adapter added to one layer, by local name
@@ -32,21 +44,22 @@ pub trait Adapter: Send + Sync {
     fn name(&self) -> &'static str;
     /// One line about the method.
     fn description(&self) -> &'static str;
-    /// The parameters added to a linear layer of `input` -> `output`
-    /// features, with their shapes and initial values.
-    fn init(
-        &self,
-        input: usize,
-        output: usize,
-        settings: &AdapterSettings,
-    ) -> Result<AdapterParams>;
-    /// The adapted output, given the layer input `x`, the base layer's output
-    /// and its (de-quantized) weight.
+    /// The parameters added to a linear layer whose float weight is
+    /// `base_weight` (`[out, in]`), with their initial values.
+    fn init(&self, base_weight: &Array, settings: &AdapterSettings) -> Result<AdapterParams>;
+    /// Whether [`forward`](Self::forward) needs the base weight (DoRA's
+    /// norm does; LoRA does not, which spares de-quantizing it).
+    fn uses_base_weight(&self) -> bool {
+        false
+    }
+    /// The adapted output (before the layer's bias), given the layer input
+    /// `x`, the base layer's output without bias and, when
+    /// [`uses_base_weight`](Self::uses_base_weight), its float weight.
     fn forward(
         &self,
         x: &Array,
         base_output: &Array,
-        base_weight: &Array,
+        base_weight: Option<&Array>,
         params: &AdapterParams,
         settings: &AdapterSettings,
     ) -> Result<Array>;

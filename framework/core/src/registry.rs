@@ -209,17 +209,19 @@ impl<T: Adapter + ?Sized> Adapter for Static<T> {
     }
     fn init(
         &self,
-        input: usize,
-        output: usize,
+        base_weight: &mlx_rs::Array,
         settings: &crate::adapter::AdapterSettings,
     ) -> Result<crate::adapter::AdapterParams> {
-        self.0.init(input, output, settings)
+        self.0.init(base_weight, settings)
+    }
+    fn uses_base_weight(&self) -> bool {
+        self.0.uses_base_weight()
     }
     fn forward(
         &self,
         x: &mlx_rs::Array,
         base_output: &mlx_rs::Array,
-        base_weight: &mlx_rs::Array,
+        base_weight: Option<&mlx_rs::Array>,
         params: &crate::adapter::AdapterParams,
         settings: &crate::adapter::AdapterSettings,
     ) -> Result<mlx_rs::Array> {
@@ -338,6 +340,11 @@ impl Registry {
     /// The quantizer called `name`.
     pub fn quantizer(&self, name: &str) -> Option<Arc<dyn Quantizer>> {
         self.quantizers.iter().find(|q| q.name() == name).cloned()
+    }
+
+    /// The adapter method called `name`.
+    pub fn adapter(&self, name: &str) -> Option<Arc<dyn Adapter>> {
+        self.adapters.iter().find(|a| a.name() == name).cloned()
     }
 
     /// Every adapter, sorted by name.

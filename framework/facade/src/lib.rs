@@ -15,6 +15,8 @@ pub use mlx_zoo_core::*;
 pub use mlx_zoo_affine as affine;
 /// The LLaMA family.
 pub use mlx_zoo_llama as llama;
+/// LoRA and DoRA adapters.
+pub use mlx_zoo_lora as lora;
 /// The Mistral and Mixtral families.
 pub use mlx_zoo_mistral as mistral;
 /// The Phi and Phi-3 families.

@@ -16,6 +16,7 @@
 //! [`set_dequantize_rows`]), so quantization keeps its memory win without
 //! its CPU speed loss.
 
+use crate::adapter::{Adapter, AdapterParams, AdapterSettings};
 use crate::error::{Error, MlxContext, Result};
 use crate::quantize::{QuantSettings, Quantizer};
 use mlx_rs::macros::ModuleParameters;
@@ -59,6 +60,36 @@ pub struct Linear {
     pub biases: Param<Option<Array>>,
     /// The quantization of `weight`, if any.
     pub quantization: Option<QuantSettings>,
+    /// Low-rank adapter input projection `[in, rank]` (mlx-lm's layout).
+    #[param]
+    pub lora_a: Param<Option<Array>>,
+    /// Low-rank adapter output projection `[rank, out]`.
+    #[param]
+    pub lora_b: Param<Option<Array>>,
+    /// Per-output magnitude `[out]` of weight-decomposed adapters (DoRA).
+    #[param]
+    pub magnitude: Param<Option<Array>>,
+    /// The adapter attached to this layer, if any.
+    pub adapter: Option<AttachedAdapter>,
+}
+
+/// An adapter method attached to a [`Linear`] with its settings; its
+/// parameters live in the layer's `lora_a`, `lora_b` and `magnitude` slots.
+#[derive(Clone)]
+pub struct AttachedAdapter {
+    /// The method (`lora`, `dora`, ...).
+    pub method: std::sync::Arc<dyn Adapter>,
+    /// Rank, scaling and dropout.
+    pub settings: AdapterSettings,
+}
+
+impl std::fmt::Debug for AttachedAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachedAdapter")
+            .field("method", &self.method.name())
+            .field("settings", &self.settings)
+            .finish()
+    }
 }
 
 /// The embedding table type: a [`Linear`] of `[vocab, dims]`.
@@ -82,6 +113,10 @@ pub fn expert_linear(experts: usize, input: usize, output: usize) -> Result<Line
         scales: Param::new(None),
         biases: Param::new(None),
         quantization: None,
+        lora_a: Param::new(None),
+        lora_b: Param::new(None),
+        magnitude: Param::new(None),
+        adapter: None,
     })
 }
 
@@ -101,6 +136,10 @@ pub fn linear(input: usize, output: usize, bias: bool) -> Result<Linear> {
         scales: Param::new(None),
         biases: Param::new(None),
         quantization: None,
+        lora_a: Param::new(None),
+        lora_b: Param::new(None),
+        magnitude: Param::new(None),
+        adapter: None,
     })
 }
 
@@ -258,8 +297,80 @@ impl Linear {
         }
     }
 
-    /// `x @ weight.T + bias`.
+    /// The adapter parameters by the names [`Adapter`]s use.
+    pub fn adapter_params(&self) -> AdapterParams {
+        let mut params = AdapterParams::new();
+        for (name, slot) in [
+            ("lora_a", &self.lora_a),
+            ("lora_b", &self.lora_b),
+            ("magnitude", &self.magnitude),
+        ] {
+            if let Some(value) = slot.as_ref() {
+                params.insert(name.to_owned(), value.clone());
+            }
+        }
+        params
+    }
+
+    /// Attaches `method` with freshly initialised parameters.
+    pub fn attach_adapter(
+        &mut self,
+        method: std::sync::Arc<dyn Adapter>,
+        settings: AdapterSettings,
+    ) -> Result<()> {
+        let params = method.init(&self.float_weight()?, &settings)?;
+        self.set_adapter(method, settings, params)
+    }
+
+    /// Attaches `method` with the given parameters (`lora_a`, `lora_b`,
+    /// `magnitude`).
+    pub fn set_adapter(
+        &mut self,
+        method: std::sync::Arc<dyn Adapter>,
+        settings: AdapterSettings,
+        mut params: AdapterParams,
+    ) -> Result<()> {
+        self.lora_a = Param::new(params.remove("lora_a"));
+        self.lora_b = Param::new(params.remove("lora_b"));
+        self.magnitude = Param::new(params.remove("magnitude"));
+        if let Some(extra) = params.keys().next() {
+            return Err(Error::InvalidArgument(format!(
+                "adapter parameter {extra:?} has no slot in a linear layer (lora_a, lora_b, magnitude)"
+            )));
+        }
+        self.adapter = Some(AttachedAdapter { method, settings });
+        Ok(())
+    }
+
+    /// `x @ weight.T + bias`, with the attached adapter's change.
     pub fn forward(&self, x: &Array) -> Result<Array> {
+        let ctx = || "applying a linear layer".to_owned();
+        let output = self.base_forward(x)?;
+        let output = match &self.adapter {
+            None => output,
+            Some(attached) => {
+                let weight = if attached.method.uses_base_weight() {
+                    Some(self.float_weight()?)
+                } else {
+                    None
+                };
+                attached.method.forward(
+                    x,
+                    &output,
+                    weight.as_ref(),
+                    &self.adapter_params(),
+                    &attached.settings,
+                )?
+            }
+        };
+        match self.bias.as_ref() {
+            Some(bias) => output.add(bias).context(ctx),
+            None => Ok(output),
+        }
+    }
+
+    /// `x @ weight.T`, choosing the quantized path per call.
+    fn base_forward(&self, x: &Array) -> Result<Array> {
         let ctx = || "applying a linear layer".to_owned();
         let output = match self.quantization {
             None => mlx_rs::ops::matmul(x, self.weight.as_ref().t()).context(ctx)?,
@@ -282,10 +393,7 @@ impl Linear {
                 }
             }
         };
-        match self.bias.as_ref() {
-            Some(bias) => output.add(bias).context(ctx),
-            None => Ok(output),
-        }
+        Ok(output)
     }
 }
 
