@@ -309,12 +309,14 @@ fn read_tokens(path: &Path, vocab: usize) -> Result<Array> {
 }
 
 /// `zoo logits`.
+#[allow(clippy::too_many_arguments)]
 pub fn logits(
     model: &Path,
     tokens: &Path,
     out: &Path,
     dtype: &str,
     allow_unclean: bool,
+    adapter: Option<&Path>,
 ) -> Result<()> {
     let dtype: ComputeDtype = dtype.parse()?;
     let options = LoadOptions {
@@ -324,6 +326,21 @@ pub fn logits(
     };
     let mut loaded = loader::load(&registry()?, model, &options)
         .with_context(|| format!("loading {}", model.display()))?;
+    if let Some(dir) = adapter {
+        let attached = mlx_zoo::lora::formats::load_adapter(&mut loaded, dir)
+            .with_context(|| format!("applying the adapter in {}", dir.display()))?;
+        eprintln!(
+            "applied a {} {} adapter (rank {}, scale {}) to {} layers",
+            match attached.format {
+                mlx_zoo::lora::formats::AdapterFormat::Peft => "PEFT",
+                mlx_zoo::lora::formats::AdapterFormat::MlxLm => "mlx-lm",
+            },
+            attached.method,
+            attached.settings.rank,
+            attached.settings.scale(),
+            attached.modules.len()
+        );
+    }
     let ids = read_tokens(tokens, loaded.model.dims().vocab_size)?;
     let logits = loaded
         .model

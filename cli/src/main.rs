@@ -115,6 +115,9 @@ enum Command {
         /// Load even if tensors are missing, unexpected or mis-shaped.
         #[arg(long)]
         allow_unclean: bool,
+        /// Apply this adapter (a PEFT or mlx-lm adapter directory).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
 }
 
@@ -172,7 +175,15 @@ fn main() -> ExitCode {
             out,
             dtype,
             allow_unclean,
-        } => commands::logits(&model, &tokens, &out, &dtype, allow_unclean),
+            adapter,
+        } => commands::logits(
+            &model,
+            &tokens,
+            &out,
+            &dtype,
+            allow_unclean,
+            adapter.as_deref(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,8 @@
 
 #![warn(missing_docs)]
 
+pub mod formats;
+
 use mlx_rs::Array;
 use mlx_zoo_core::adapter::{AdapterParams, AdapterSettings};
 use mlx_zoo_core::error::MlxContext;

@@ -71,3 +71,94 @@ pub trait Adapter: Send + Sync {
         settings: &AdapterSettings,
     ) -> Result<Array>;
 }
+
+/// Which linear layers get an adapter.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AdapterTargets {
+    /// Module names or [`ModulePattern`](crate::module_pattern::ModulePattern)s
+    /// (`q_proj`, `layers.*.mlp.down_proj`); empty means the architecture's
+    /// default targets.
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// Every linear layer of the blocks (PEFT's `all-linear`): not the
+    /// output head, embedding tables or expert stacks.
+    #[serde(default)]
+    pub all_linear: bool,
+    /// Only blocks whose index is in this inclusive range.
+    #[serde(default)]
+    pub layers: Option<(usize, usize)>,
+}
+
+/// The block index in a module path (`model.layers.3.mlp` -> 3).
+pub fn layer_index(path: &str) -> Option<usize> {
+    let parts: Vec<&str> = path.split('.').collect();
+    parts
+        .windows(2)
+        .find(|w| w[0] == "layers" || w[0] == "h")
+        .and_then(|w| w[1].parse().ok())
+}
+
+/// Attaches a fresh `method` adapter to the targeted linear layers of
+/// `model` and returns their paths. A pattern that matches no layer, or a
+/// target that is an expert stack, is an error.
+pub fn attach_adapters(
+    model: &mut dyn crate::CausalLm,
+    method: std::sync::Arc<dyn Adapter>,
+    settings: AdapterSettings,
+    targets: &AdapterTargets,
+    default_targets: &[&str],
+) -> Result<Vec<String>> {
+    use crate::error::Error;
+    use crate::module_pattern::ModulePattern;
+    let names: Vec<String> = if targets.modules.is_empty() && !targets.all_linear {
+        default_targets.iter().map(|s| s.to_string()).collect()
+    } else {
+        targets.modules.clone()
+    };
+    let patterns = names
+        .iter()
+        .map(|n| ModulePattern::new(n))
+        .collect::<Result<Vec<_>>>()?;
+    let mut used = vec![false; patterns.len()];
+    let mut attached = Vec::new();
+    model.visit_linears(&mut |path, layer| {
+        let in_range = match (targets.layers, layer_index(path)) {
+            (None, _) => true,
+            (Some((first, last)), Some(i)) => (first..=last).contains(&i),
+            (Some(_), None) => false,
+        };
+        let is_block_linear = layer_index(path).is_some() && layer.weight.as_ref().ndim() == 2;
+        let mut wanted = targets.all_linear && is_block_linear;
+        for (index, pattern) in patterns.iter().enumerate() {
+            if pattern.matches(path) {
+                used[index] = true;
+                wanted = true;
+            }
+        }
+        if !(wanted && in_range) {
+            return Ok(());
+        }
+        if layer.weight.as_ref().ndim() != 2 {
+            return Err(Error::InvalidArgument(format!(
+                "{path} is a stack of experts; adapters on expert stacks are not supported yet"
+            )));
+        }
+        layer
+            .attach_adapter(method.clone(), settings)
+            .map_err(|e| Error::InvalidArgument(format!("{path}: {e}")))?;
+        attached.push(path.to_owned());
+        Ok(())
+    })?;
+    if let Some(index) = used.iter().position(|u| !u) {
+        return Err(Error::InvalidArgument(format!(
+            "adapter target {:?} matches no linear layer of the model",
+            names[index]
+        )));
+    }
+    if attached.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no linear layer is targeted (check the layer range)".into(),
+        ));
+    }
+    Ok(attached)
+}

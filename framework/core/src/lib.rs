@@ -28,6 +28,7 @@ pub mod export;
 pub mod loader;
 pub mod mapping;
 pub mod model;
+pub mod module_pattern;
 pub mod nn;
 pub mod prequantized;
 pub mod quantize;

@@ -128,6 +128,8 @@ pub struct LoadedModel {
     pub source_config: serde_json::Map<String, serde_json::Value>,
     /// How the linear layers are quantized (empty when none is).
     pub quantization: QuantizationReport,
+    /// The modules the architecture adapts when a user names none.
+    pub default_adapter_targets: Vec<String>,
     mapper: Box<dyn WeightMapper>,
 }
 
@@ -141,6 +143,56 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
+    /// The model layers a checkpoint module (e.g. Phi-3's fused
+    /// `model.layers.0.self_attn.qkv_proj`, of `out` output features) maps
+    /// to, each with the rows of the checkpoint module's output it covers.
+    /// Adapter formats name modules the checkpoint's way; this is how their
+    /// tensors find the model's layers.
+    pub fn model_modules_of(
+        &self,
+        checkpoint_module: &str,
+        out: usize,
+        input: usize,
+    ) -> Result<Vec<(String, std::ops::Range<usize>)>> {
+        use crate::mapping::Op;
+        let name = format!("{checkpoint_module}.weight");
+        let metas = BTreeMap::from([(
+            name.clone(),
+            TensorMeta {
+                shape: vec![out as i64, input as i64],
+                dtype: "F32".into(),
+            },
+        )]);
+        let plan = self.mapper.plan(&metas, &BTreeMap::new());
+        let module = |param: &str| param.strip_suffix(".weight").unwrap_or(param).to_owned();
+        for op in plan.ops {
+            match op {
+                Op::Copy { from, to } if from == name => return Ok(vec![(module(&to), 0..out)]),
+                Op::Split { from, parts, axis: 0 } if from == name => {
+                    let mut start = 0;
+                    return Ok(parts
+                        .iter()
+                        .map(|(part, size)| {
+                            let range = start..start + size;
+                            start += size;
+                            (module(part), range)
+                        })
+                        .collect());
+                }
+                Op::Transform { from, .. } | Op::Split { from, .. } if from == name => {
+                    return Err(Error::Mapping(format!(
+                        "{checkpoint_module} reaches the model through a transformation adapters cannot follow"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Err(Error::Mapping(format!(
+            "{checkpoint_module} is not a layer of this {} model",
+            self.architecture
+        )))
+    }
+
     /// The model's parameters under the checkpoint's own names (the mapping
     /// read backwards), e.g. to save a Hugging Face-layout copy.
     pub fn export_weights(&self) -> Result<BTreeMap<String, Array>> {
@@ -164,6 +216,7 @@ struct Opened {
     checkpoint: Checkpoint,
     config: HfConfig,
     never_quantize: Vec<String>,
+    default_adapter_targets: Vec<String>,
     /// Whether the checkpoint is an MLX-format quantized one.
     quantized: bool,
     /// Tensors standing in for the checkpoint's (GPTQ/AWQ layers repacked
@@ -306,6 +359,7 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
         reason: resolution.reason,
         candidates: resolution.candidates,
         never_quantize: resolution.architecture.info().never_quantize,
+        default_adapter_targets: resolution.architecture.info().default_adapter_targets,
         prepared,
         checkpoint,
         config,
@@ -488,6 +542,7 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
         config: opened.prepared.config,
         source_config: opened.config.raw().clone(),
         quantization,
+        default_adapter_targets: opened.default_adapter_targets,
         mapper,
     })
 }

@@ -1,18 +1,15 @@
 //! Quantization plans: which layers get which settings.
 //!
 //! A plan has a default (quantize everything with these settings, or
-//! nothing) and rules. A rule's pattern is a dotted module path in the
-//! model's own namespace (after weight mapping) whose segments are literal
-//! names, `*` (any one segment) or a layer range `A-B` (any index from A to
-//! B inclusive); it matches a layer whose path contains the pattern's
-//! segments consecutively, so `v_proj`, `layers.0-3.mlp` and
-//! `layers.*.self_attn.o_proj` all work. The most specific matching rule
+//! nothing) and rules. A rule's pattern is a [`ModulePattern`] in the
+//! model's own namespace (after weight mapping). The most specific matching rule
 //! wins (literal segments count double, then pattern length; equal
 //! specificity: the later rule). A rule says "these settings" or "keep in
 //! full precision". A pattern that matches no layer is an error.
 
 use super::QuantSettings;
 use crate::error::{Error, Result};
+use crate::module_pattern::ModulePattern;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -52,71 +49,6 @@ pub struct QuantPlan {
     /// The rules.
     #[serde(default)]
     pub rules: Vec<PlanRule>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    Any,
-    Range(usize, usize),
-}
-
-fn parse_pattern(pattern: &str) -> Result<Vec<Segment>> {
-    if pattern.is_empty() {
-        return Err(Error::InvalidArgument(
-            "an empty quantization pattern".into(),
-        ));
-    }
-    pattern
-        .split('.')
-        .map(|segment| {
-            if segment == "*" {
-                return Ok(Segment::Any);
-            }
-            if let Some((a, b)) = segment.split_once('-') {
-                if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
-                    if a > b {
-                        return Err(Error::InvalidArgument(format!(
-                            "pattern {pattern:?}: range {segment} is empty"
-                        )));
-                    }
-                    return Ok(Segment::Range(a, b));
-                }
-            }
-            if segment.is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "pattern {pattern:?} has an empty segment"
-                )));
-            }
-            Ok(Segment::Literal(segment.to_owned()))
-        })
-        .collect()
-}
-
-fn segment_matches(segment: &Segment, part: &str) -> bool {
-    match segment {
-        Segment::Literal(text) => text == part,
-        Segment::Any => true,
-        Segment::Range(a, b) => part.parse::<usize>().is_ok_and(|i| (*a..=*b).contains(&i)),
-    }
-}
-
-fn pattern_matches(pattern: &[Segment], path: &str) -> bool {
-    let parts: Vec<&str> = path.split('.').collect();
-    parts.windows(pattern.len()).any(|window| {
-        window
-            .iter()
-            .zip(pattern)
-            .all(|(part, segment)| segment_matches(segment, part))
-    })
-}
-
-fn specificity(pattern: &[Segment]) -> (usize, usize) {
-    let literal = pattern
-        .iter()
-        .filter(|s| matches!(s, Segment::Literal(_)))
-        .count();
-    (2 * literal + pattern.len(), pattern.len())
 }
 
 impl QuantPlan {
@@ -200,24 +132,28 @@ impl QuantPlan {
                     .unwrap_or(64);
                 LayerAction::Quantize(QuantSettings { bits, group_size })
             };
-            compiled.push((rule.pattern.clone(), parse_pattern(&rule.pattern)?, action));
+            compiled.push((
+                rule.pattern.clone(),
+                ModulePattern::new(&rule.pattern)?,
+                action,
+            ));
         }
         let protected = never_quantize
             .iter()
-            .map(|p| parse_pattern(p))
+            .map(|p| ModulePattern::new(p))
             .collect::<Result<Vec<_>>>()?;
         let mut decided = BTreeMap::new();
         let mut used = vec![false; compiled.len()];
         for layer in layers {
-            if protected.iter().any(|p| pattern_matches(p, layer)) {
+            if protected.iter().any(|p| p.matches(layer)) {
                 decided.insert(layer.clone(), LayerAction::Keep);
                 continue;
             }
             let mut best: Option<(usize, (usize, usize))> = None;
             for (index, (_, pattern, _)) in compiled.iter().enumerate() {
-                if pattern_matches(pattern, layer) {
+                if pattern.matches(layer) {
                     used[index] = true;
-                    let score = specificity(pattern);
+                    let score = pattern.specificity();
                     if best.is_none_or(|(_, s)| score >= s) {
                         best = Some((index, score));
                     }
@@ -322,8 +258,8 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_refused() {
-        assert!(parse_pattern("layers.5-2").is_err());
-        assert!(parse_pattern("layers..mlp").is_err());
+        assert!(ModulePattern::new("layers.5-2").is_err());
+        assert!(ModulePattern::new("layers..mlp").is_err());
         assert!(QuantPlan::from_json("{\"rules\": 3}", "plan.json").is_err());
     }
 }

@@ -1,0 +1,378 @@
+//! Reading adapters written by PEFT (`adapter_model.safetensors` +
+//! `adapter_config.json`) and by mlx-lm (`adapters.safetensors` +
+//! `adapter_config.json`), detected from the files present.
+//!
+//! PEFT stores `base_model.model.<module>.lora_A.weight` (`[r, in]`),
+//! `lora_B.weight` (`[out, r]`) and, for DoRA, `lora_magnitude_vector`
+//! (`[out]`), with `r`, `lora_alpha`, `use_rslora` and `use_dora` in its
+//! config. mlx-lm stores `<module>.lora_a` (`[in, r]`), `lora_b`
+//! (`[r, out]`) and DoRA's `m` (`[out]`), with `rank` and `scale` (the whole
+//! factor, so `alpha = scale * rank`). Module paths are the checkpoint's;
+//! a fused checkpoint module (Phi-3's `qkv_proj`) spreads over the model's
+//! split layers: `A` is shared, `B` and the magnitude are split by rows.
+//!
+//! Loading is strict: a tensor that lands on no module, a module with half a
+//! pair, a shape that does not fit, or an adapter that does not change its
+//! module's output is an error naming the tensor.
+
+use crate::{Dora, Lora};
+use mlx_rs::Array;
+use mlx_zoo_core::adapter::{AdapterParams, AdapterSettings};
+use mlx_zoo_core::error::MlxContext;
+use mlx_zoo_core::loader::LoadedModel;
+use mlx_zoo_core::{Adapter, Error, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Who wrote an adapter directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterFormat {
+    /// Hugging Face PEFT.
+    Peft,
+    /// mlx-lm.
+    MlxLm,
+}
+
+/// What [`load_adapter`] attached.
+#[derive(Debug, Clone)]
+pub struct LoadedAdapter {
+    /// The format read.
+    pub format: AdapterFormat,
+    /// `lora` or `dora`.
+    pub method: &'static str,
+    /// Rank and scaling.
+    pub settings: AdapterSettings,
+    /// The model layers that received an adapter.
+    pub modules: Vec<String>,
+}
+
+/// Tells PEFT and mlx-lm adapter directories apart.
+pub fn detect_format(dir: &Path) -> Result<AdapterFormat> {
+    if dir.join("adapter_model.safetensors").is_file() {
+        Ok(AdapterFormat::Peft)
+    } else if dir.join("adapters.safetensors").is_file() {
+        Ok(AdapterFormat::MlxLm)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{}: no adapter found: expected adapter_model.safetensors (PEFT) or adapters.safetensors (mlx-lm) with adapter_config.json",
+            dir.display()
+        )))
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_tensors(path: &Path) -> Result<BTreeMap<String, Array>> {
+    Array::load_safetensors(path)
+        .map(|t| t.into_iter().collect())
+        .map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+fn config_error(file: &Path, key: &str, message: impl Into<String>) -> Error {
+    Error::Config {
+        file: file.display().to_string(),
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// One checkpoint module's adapter tensors, in mlx-lm's orientation.
+#[derive(Default)]
+struct ModuleTensors {
+    a: Option<(String, Array)>,
+    b: Option<(String, Array)>,
+    magnitude: Option<(String, Array)>,
+}
+
+/// Reads an adapter directory, maps it onto `model` and attaches it.
+pub fn load_adapter(model: &mut LoadedModel, dir: &Path) -> Result<LoadedAdapter> {
+    let format = detect_format(dir)?;
+    let config_path = dir.join("adapter_config.json");
+    let config = read_json(&config_path)?;
+    let (settings, dora, tensors_path) = match format {
+        AdapterFormat::Peft => peft_settings(&config, &config_path)?,
+        AdapterFormat::MlxLm => mlx_lm_settings(&config, &config_path)?,
+    };
+    let tensors = read_tensors(&tensors_path)?;
+    let mut modules: BTreeMap<String, ModuleTensors> = BTreeMap::new();
+    for (name, tensor) in tensors {
+        let (module, role) = match format {
+            AdapterFormat::Peft => peft_role(&name),
+            AdapterFormat::MlxLm => mlx_lm_role(&name),
+        }
+        .ok_or_else(|| {
+            Error::Mapping(format!(
+                "{}: tensor {name} is not a LoRA/DoRA parameter this loader knows",
+                tensors_path.display()
+            ))
+        })?;
+        let entry = modules.entry(module).or_default();
+        let slot = match role {
+            Role::A => &mut entry.a,
+            Role::B => &mut entry.b,
+            Role::Magnitude => &mut entry.magnitude,
+        };
+        // PEFT stores A as [r, in] and B as [out, r]; mlx-lm the transposes.
+        let tensor = match (format, role) {
+            (AdapterFormat::Peft, Role::A | Role::B) => tensor.t(),
+            _ => tensor,
+        };
+        *slot = Some((name, tensor));
+    }
+
+    // Model layer -> adapter parameters.
+    let mut planned: BTreeMap<String, (AdapterParams, String)> = BTreeMap::new();
+    for (module, parts) in modules {
+        let (Some((a_name, a)), Some((b_name, b))) = (parts.a, parts.b) else {
+            return Err(Error::Mapping(format!(
+                "{}: module {module} has only half of its adapter (lora A and B come in pairs)",
+                tensors_path.display()
+            )));
+        };
+        if dora != parts.magnitude.is_some() {
+            return Err(Error::Mapping(format!(
+                "{}: module {module} {} a DoRA magnitude but the config says {}",
+                tensors_path.display(),
+                if dora { "lacks" } else { "has" },
+                if dora { "DoRA" } else { "LoRA" }
+            )));
+        }
+        let (input, rank) = (a.shape()[0] as usize, a.shape()[1] as usize);
+        let out = b.shape()[1] as usize;
+        if rank != settings.rank || b.shape()[0] as usize != rank {
+            return Err(Error::Mapping(format!(
+                "{}: {a_name} / {b_name} have rank {rank} x {}; the config says rank {}",
+                tensors_path.display(),
+                b.shape()[0],
+                settings.rank
+            )));
+        }
+        let all_zero = b
+            .abs()
+            .and_then(|v| v.max(None))
+            .context(|| format!("checking {b_name}"))?
+            .item_exact::<f32>()
+            == 0.0;
+        if all_zero {
+            return Err(Error::Mapping(format!(
+                "{}: {b_name} is all zeros, so the adapter would not change {module}",
+                tensors_path.display()
+            )));
+        }
+        for (layer, rows) in model.model_modules_of(&module, out, input)? {
+            let range = rows.start as i32..rows.end as i32;
+            let b_part = b
+                .index((.., range.clone()))
+                .as_dtype(mlx_rs::Dtype::Float32)
+                .context(|| format!("slicing {b_name}"))?;
+            let mut params: AdapterParams = [
+                (
+                    "lora_a".to_owned(),
+                    a.as_dtype(mlx_rs::Dtype::Float32)
+                        .context(|| format!("casting {a_name}"))?,
+                ),
+                ("lora_b".to_owned(), b_part),
+            ]
+            .into();
+            if let Some((m_name, m)) = &parts.magnitude {
+                if m.shape() != [out as i32] {
+                    return Err(Error::Mapping(format!(
+                        "{}: {m_name} has shape {:?}, expected [{out}]",
+                        tensors_path.display(),
+                        m.shape()
+                    )));
+                }
+                params.insert(
+                    "magnitude".to_owned(),
+                    m.index(range)
+                        .as_dtype(mlx_rs::Dtype::Float32)
+                        .context(|| format!("slicing {m_name}"))?,
+                );
+            }
+            planned.insert(layer, (params, a_name.clone()));
+        }
+    }
+
+    let method: Arc<dyn Adapter> = if dora { Arc::new(Dora) } else { Arc::new(Lora) };
+    let mut attached = Vec::new();
+    model.model.visit_linears(&mut |path, layer| {
+        if let Some((params, tensor)) = planned.remove(path) {
+            let input = layer.input_dims();
+            if params["lora_a"].shape()[0] as usize != input {
+                return Err(Error::Mapping(format!(
+                    "{tensor}: {} inputs, but {path} has {input}",
+                    params["lora_a"].shape()[0]
+                )));
+            }
+            if params["lora_b"].shape()[1] as usize != layer.output_dims() {
+                return Err(Error::Mapping(format!(
+                    "{tensor}: the update has {} outputs, but {path} has {}",
+                    params["lora_b"].shape()[1],
+                    layer.output_dims()
+                )));
+            }
+            layer.set_adapter(method.clone(), settings, params)?;
+            attached.push(path.to_owned());
+        }
+        Ok(())
+    })?;
+    if let Some((path, (_, tensor))) = planned.into_iter().next() {
+        return Err(Error::Mapping(format!(
+            "{tensor}: maps to {path}, which is not a linear layer of the model"
+        )));
+    }
+    Ok(LoadedAdapter {
+        format,
+        method: method.name(),
+        settings,
+        modules: attached,
+    })
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    A,
+    B,
+    Magnitude,
+}
+
+fn peft_role(name: &str) -> Option<(String, Role)> {
+    let name = name.strip_prefix("base_model.model.").unwrap_or(name);
+    for (suffix, role) in [
+        (".lora_A.weight", Role::A),
+        (".lora_B.weight", Role::B),
+        (".lora_magnitude_vector.weight", Role::Magnitude),
+        (".lora_magnitude_vector", Role::Magnitude),
+    ] {
+        if let Some(module) = name.strip_suffix(suffix) {
+            return Some((module.to_owned(), role));
+        }
+    }
+    None
+}
+
+fn mlx_lm_role(name: &str) -> Option<(String, Role)> {
+    for (suffix, role) in [
+        (".lora_a", Role::A),
+        (".lora_b", Role::B),
+        (".m", Role::Magnitude),
+    ] {
+        if let Some(module) = name.strip_suffix(suffix) {
+            return Some((module.to_owned(), role));
+        }
+    }
+    None
+}
+
+fn peft_settings(config: &Value, path: &Path) -> Result<(AdapterSettings, bool, PathBuf)> {
+    let peft_type = config
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or("LORA");
+    if peft_type != "LORA" {
+        return Err(config_error(
+            path,
+            "peft_type",
+            format!("{peft_type:?} adapters are not supported; expected \"LORA\""),
+        ));
+    }
+    if config.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+        return Err(config_error(
+            path,
+            "fan_in_fan_out",
+            "transposed (Conv1D) base layers are not supported",
+        ));
+    }
+    match config.get("bias").and_then(Value::as_str) {
+        None | Some("none") => {}
+        Some(other) => {
+            return Err(config_error(
+                path,
+                "bias",
+                format!("{other:?} bias training is not supported; expected \"none\""),
+            ))
+        }
+    }
+    let rank = config
+        .get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| config_error(path, "r", "expected the rank (a positive integer)"))?
+        as usize;
+    let alpha = config
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| config_error(path, "lora_alpha", "expected a number"))?
+        as f32;
+    let settings = AdapterSettings {
+        rank,
+        alpha,
+        dropout: config
+            .get("lora_dropout")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0) as f32,
+        rslora: config
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    let dora = config
+        .get("use_dora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    Ok((settings, dora, dir.join("adapter_model.safetensors")))
+}
+
+fn mlx_lm_settings(config: &Value, path: &Path) -> Result<(AdapterSettings, bool, PathBuf)> {
+    let kind = config
+        .get("fine_tune_type")
+        .and_then(Value::as_str)
+        .unwrap_or("lora");
+    let dora = match kind {
+        "lora" => false,
+        "dora" => true,
+        other => {
+            return Err(config_error(
+                path,
+                "fine_tune_type",
+                format!("{other:?} is not an adapter; expected lora or dora"),
+            ))
+        }
+    };
+    let params = config
+        .get("lora_parameters")
+        .ok_or_else(|| config_error(path, "lora_parameters", "missing"))?;
+    let rank =
+        params.get("rank").and_then(Value::as_u64).ok_or_else(|| {
+            config_error(path, "lora_parameters.rank", "expected a positive integer")
+        })? as usize;
+    let scale = params
+        .get("scale")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| config_error(path, "lora_parameters.scale", "expected a number"))?
+        as f32;
+    let settings = AdapterSettings {
+        rank,
+        alpha: scale * rank as f32,
+        dropout: params.get("dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
+        rslora: false,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    Ok((settings, dora, dir.join("adapters.safetensors")))
+}
+
+use mlx_rs::ops::indexing::IndexOp;
