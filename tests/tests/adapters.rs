@@ -1,0 +1,234 @@
+//! Adapters: PEFT and mlx-lm adapter directories (made by
+//! make_adapter_fixtures.py with the libraries themselves, with non-zero
+//! weights) load onto the model and give the library's logits.
+
+use mlx_zoo::lora::formats::{load_adapter, AdapterFormat};
+use mlx_zoo_tests::{load, max_abs_diff, TOLERANCE};
+use std::path::{Path, PathBuf};
+
+fn adapter_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/adapters")
+        .join(case)
+}
+
+fn reference(case: &str) -> (mlx_rs::Array, Vec<f32>) {
+    let tensors =
+        mlx_rs::Array::load_safetensors(adapter_dir(case).join("reference.safetensors")).unwrap();
+    let ids = tensors["input_ids"].as_dtype(mlx_rs::Dtype::Int32).unwrap();
+    (ids, tensors["logits"].as_slice::<f32>().to_vec())
+}
+
+/// Loads base `model`, applies adapter `case`, and compares with the
+/// library's logits. Returns the attached layer count.
+fn assert_adapter_parity(model: &str, case: &str, format: AdapterFormat, method: &str) -> usize {
+    let mut loaded = load(model);
+    let (ids, expected) = reference(case);
+    let base = loaded
+        .model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec();
+    let attached =
+        load_adapter(&mut loaded, &adapter_dir(case)).unwrap_or_else(|e| panic!("{case}: {e}"));
+    assert_eq!(attached.format, format, "{case}");
+    assert_eq!(attached.method, method, "{case}");
+    let logits = loaded.model.forward(&ids, None).unwrap();
+    let diff = max_abs_diff(logits.as_slice::<f32>(), &expected);
+    eprintln!("{case}: max abs diff against the library {diff:e}");
+    assert!(diff < TOLERANCE, "{case}: {diff}");
+    assert!(
+        max_abs_diff(&base, &expected) > 1e-2,
+        "{case}: the adapter changes nothing"
+    );
+    attached.modules.len()
+}
+
+#[test]
+fn peft_lora_matches_peft() {
+    assert_eq!(
+        assert_adapter_parity("llama-gqa", "peft-lora-llama", AdapterFormat::Peft, "lora"),
+        4
+    );
+}
+
+#[test]
+fn peft_rslora_on_every_projection_matches_peft() {
+    assert_eq!(
+        assert_adapter_parity(
+            "llama-gqa",
+            "peft-rslora-llama",
+            AdapterFormat::Peft,
+            "lora"
+        ),
+        14
+    );
+}
+
+#[test]
+fn peft_dora_matches_peft() {
+    assert_eq!(
+        assert_adapter_parity("llama-gqa", "peft-dora-llama", AdapterFormat::Peft, "dora"),
+        6
+    );
+}
+
+#[test]
+fn peft_lora_on_phi3_fused_projections_matches_peft() {
+    // qkv_proj spreads over q/k/v and gate_up_proj over gate/up: 2 x (3 + 2 + 1).
+    assert_eq!(
+        assert_adapter_parity("phi3", "peft-lora-phi3", AdapterFormat::Peft, "lora"),
+        12
+    );
+}
+
+#[test]
+fn peft_lora_on_one_layer_matches_peft() {
+    assert_eq!(
+        assert_adapter_parity(
+            "llama-gqa",
+            "peft-lora-llama-layers",
+            AdapterFormat::Peft,
+            "lora"
+        ),
+        2
+    );
+}
+
+/// A copy of adapter `case` in a temporary directory.
+fn copy_adapter(case: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(adapter_dir(case)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    tmp
+}
+
+fn load_error(model: &str, dir: &Path) -> String {
+    let mut loaded = load(model);
+    match load_adapter(&mut loaded, dir) {
+        Ok(_) => panic!("{} loaded although it is broken", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+const Q_B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+
+#[test]
+fn half_a_pair_is_named() {
+    let tmp = copy_adapter("peft-lora-llama");
+    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+        t.remove(Q_B);
+    });
+    let err = load_error("llama-gqa", tmp.path());
+    assert!(
+        err.contains("model.layers.0.self_attn.q_proj has only half of its adapter"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unknown_tensor_is_named() {
+    let tmp = copy_adapter("peft-lora-llama");
+    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+        let b = t[Q_B].clone();
+        t.insert(
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight".into(),
+            b,
+        );
+    });
+    let err = load_error("llama-gqa", tmp.path());
+    assert!(
+        err.contains("lora_C.weight is not a LoRA/DoRA parameter"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tensor_for_a_missing_module_is_named() {
+    let tmp = copy_adapter("peft-lora-llama");
+    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+        for role in ["lora_A", "lora_B"] {
+            let v = t[&format!("base_model.model.model.layers.0.self_attn.q_proj.{role}.weight")]
+                .clone();
+            t.insert(
+                format!("base_model.model.model.layers.7.self_attn.q_proj.{role}.weight"),
+                v,
+            );
+        }
+    });
+    let err = load_error("llama-gqa", tmp.path());
+    assert!(
+        err.contains("layers.7.self_attn.q_proj.lora_A.weight: maps to model.layers.7.self_attn.q_proj, which is not a linear layer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn all_zero_b_is_refused_as_a_no_op() {
+    let tmp = copy_adapter("peft-lora-llama");
+    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+        let (dtype, shape, bytes) = t[Q_B].clone();
+        t.insert(Q_B.into(), (dtype, shape, vec![0; bytes.len()]));
+    });
+    let err = load_error("llama-gqa", tmp.path());
+    assert!(err.contains("q_proj.lora_B.weight is all zeros"), "{err}");
+}
+
+#[test]
+fn rank_disagreeing_with_the_config_is_named() {
+    let tmp = copy_adapter("peft-lora-llama");
+    let path = tmp.path().join("adapter_config.json");
+    let config = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"r\": 4", "\"r\": 8");
+    std::fs::write(&path, config).unwrap();
+    let err = load_error("llama-gqa", tmp.path());
+    assert!(err.contains("the config says rank 8"), "{err}");
+}
+
+#[test]
+fn an_adapter_for_another_architecture_is_named() {
+    // Phi-3's fused qkv_proj is no module of a llama.
+    let err = load_error("llama-gqa", &adapter_dir("peft-lora-phi3"));
+    assert!(
+        err.contains("_proj is not a layer of this llama model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_shape_that_does_not_fit_is_named() {
+    let tmp = copy_adapter("peft-lora-llama");
+    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+        let name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+        let (dtype, _, bytes) = t[name].clone();
+        t.insert(
+            name.into(),
+            (dtype, vec![4, 32], bytes[..bytes.len() / 2].to_vec()),
+        );
+    });
+    let err = load_error("llama-gqa", tmp.path());
+    assert!(
+        err.contains("q_proj.lora_A.weight: 32 inputs, but model.layers.0.self_attn.q_proj has 64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn expert_adapters_are_refused_clearly() {
+    let err = load_error("mixtral-moe", &adapter_dir("peft-lora-mixtral-experts"));
+    assert!(err.contains("mlp.experts"), "{err}");
+}
+
+#[test]
+fn a_directory_without_an_adapter_says_what_it_expected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = load_error("llama-gqa", tmp.path());
+    assert!(
+        err.contains("expected adapter_model.safetensors (PEFT) or adapters.safetensors (mlx-lm)"),
+        "{err}"
+    );
+}
