@@ -232,3 +232,21 @@ fn a_directory_without_an_adapter_says_what_it_expected() {
         "{err}"
     );
 }
+
+#[test]
+fn mlx_lm_lora_matches_mlx_lm() {
+    assert_eq!(assert_adapter_parity("llama-gqa", "mlxlm-lora-llama", AdapterFormat::MlxLm, "lora"), 4);
+}
+
+#[test]
+fn mlx_lm_dora_matches_mlx_lm() {
+    assert_eq!(assert_adapter_parity("llama-gqa", "mlxlm-dora-llama", AdapterFormat::MlxLm, "dora"), 4);
+}
+
+#[test]
+fn mlx_lm_qlora_on_a_4bit_base_matches_mlx_lm() {
+    assert_eq!(
+        assert_adapter_parity("llama-gqa-q4", "mlxlm-lora-llama-q4", AdapterFormat::MlxLm, "lora"),
+        4
+    );
+}
