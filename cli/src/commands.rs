@@ -247,6 +247,7 @@ pub fn convert(args: &ConvertArgs) -> Result<()> {
     let options = mlx_zoo::export::SaveOptions {
         dtype,
         max_shard_bytes: args.max_shard_mib << 20,
+        ..Default::default()
     };
     let files = mlx_zoo::export::save_mlx_model(&loaded, &args.model, &args.out, &options)
         .with_context(|| format!("writing {}", args.out.display()))?;
@@ -265,6 +266,67 @@ pub fn convert(args: &ConvertArgs) -> Result<()> {
         args.out.display(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `zoo fuse`.
+pub fn fuse(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    dequantize: bool,
+    hf: bool,
+    dtype: Option<&str>,
+) -> Result<()> {
+    let registry = registry()?;
+    let mut loaded = loader::load(&registry, model, &LoadOptions::default())
+        .with_context(|| format!("loading {}", model.display()))?;
+    let attached = mlx_zoo::lora::formats::load_adapter(&mut loaded, adapter)
+        .with_context(|| format!("applying the adapter in {}", adapter.display()))?;
+    let quantizer = registry.quantizer("affine");
+    let fused = mlx_zoo::adapter::fuse_adapters(
+        loaded.model.as_mut(),
+        quantizer.as_deref(),
+        dequantize || hf,
+    )?;
+    loaded.refresh_quantization()?;
+    let mut worst: Option<(&str, f32)> = None;
+    for layer in &fused {
+        if let Some(kept) = layer.kept_fraction {
+            if worst.is_none_or(|(_, w)| kept < w) {
+                worst = Some((&layer.path, kept));
+            }
+        }
+    }
+    println!(
+        "fused a {} adapter into {} layers",
+        attached.method,
+        fused.len()
+    );
+    if let Some((path, kept)) = worst {
+        println!(
+            "re-quantization keeps {:.0}% of the update in the worst layer ({path})",
+            kept * 100.0
+        );
+        if kept < 0.5 {
+            tracing::warn!(
+                "re-quantizing erases most of the adapter's change to {path}; \
+                 write a de-quantized model with --dequantize to keep it"
+            );
+            eprintln!(
+                "warning: re-quantizing erases most of the adapter's change ({:.0}% kept in {path}); consider --dequantize",
+                kept * 100.0
+            );
+        }
+    }
+    let options = mlx_zoo::export::SaveOptions {
+        dtype: dtype.map(str::parse::<ComputeDtype>).transpose()?,
+        metadata_format: if hf { "pt" } else { "mlx" },
+        ..Default::default()
+    };
+    let files = mlx_zoo::export::save_mlx_model(&loaded, model, out, &options)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {} files to {}", files.len(), out.display());
     Ok(())
 }
 

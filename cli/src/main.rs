@@ -96,6 +96,35 @@ enum Command {
         #[arg(long, default_value_t = 5120)]
         max_shard_mib: u64,
     },
+    /// Merge an adapter (PEFT or mlx-lm) into MODEL and write the result.
+    ///
+    /// A quantized base is de-quantized, merged in float32 and re-quantized
+    /// at its own settings; the share of each layer's update that survives
+    /// is reported, with a warning when most of it is lost.
+    ///
+    /// Examples: zoo fuse ./TinyLlama --adapter ./my-lora --out ./fused
+    ///           zoo fuse ./tiny-q4 --adapter ./my-qlora --out ./fused-f16 --dequantize --dtype f16
+    ///           zoo fuse ./TinyLlama --adapter ./my-lora --out ./fused-hf --hf
+    Fuse {
+        /// A model directory.
+        model: PathBuf,
+        /// The adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write float weights even if the base is quantized.
+        #[arg(long)]
+        dequantize: bool,
+        /// Write a Hugging Face-format model (float, transformers' names and
+        /// config); implies --dequantize.
+        #[arg(long)]
+        hf: bool,
+        /// Store float tensors as f32, f16 or bf16.
+        #[arg(long)]
+        dtype: Option<String>,
+    },
     /// Compute logits for token ids and write them as a float32 .npy of
     /// shape [batch, seq, vocab].
     ///
@@ -169,6 +198,14 @@ fn main() -> ExitCode {
             dtype,
             max_shard_mib,
         }),
+        Command::Fuse {
+            model,
+            adapter,
+            out,
+            dequantize,
+            hf,
+            dtype,
+        } => commands::fuse(&model, &adapter, &out, dequantize, hf, dtype.as_deref()),
         Command::Logits {
             model,
             tokens,

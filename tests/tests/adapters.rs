@@ -235,18 +235,118 @@ fn a_directory_without_an_adapter_says_what_it_expected() {
 
 #[test]
 fn mlx_lm_lora_matches_mlx_lm() {
-    assert_eq!(assert_adapter_parity("llama-gqa", "mlxlm-lora-llama", AdapterFormat::MlxLm, "lora"), 4);
+    assert_eq!(
+        assert_adapter_parity(
+            "llama-gqa",
+            "mlxlm-lora-llama",
+            AdapterFormat::MlxLm,
+            "lora"
+        ),
+        4
+    );
 }
 
 #[test]
 fn mlx_lm_dora_matches_mlx_lm() {
-    assert_eq!(assert_adapter_parity("llama-gqa", "mlxlm-dora-llama", AdapterFormat::MlxLm, "dora"), 4);
+    assert_eq!(
+        assert_adapter_parity(
+            "llama-gqa",
+            "mlxlm-dora-llama",
+            AdapterFormat::MlxLm,
+            "dora"
+        ),
+        4
+    );
 }
 
 #[test]
 fn mlx_lm_qlora_on_a_4bit_base_matches_mlx_lm() {
     assert_eq!(
-        assert_adapter_parity("llama-gqa-q4", "mlxlm-lora-llama-q4", AdapterFormat::MlxLm, "lora"),
+        assert_adapter_parity(
+            "llama-gqa-q4",
+            "mlxlm-lora-llama-q4",
+            AdapterFormat::MlxLm,
+            "lora"
+        ),
         4
+    );
+}
+
+fn logits_of(loaded: &mut mlx_zoo::loader::LoadedModel, case: &str) -> Vec<f32> {
+    let (ids, _) = reference(case);
+    loaded
+        .model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec()
+}
+
+#[test]
+fn fusing_into_a_float_base_equals_the_unfused_forward() {
+    for (model, case) in [
+        ("llama-gqa", "peft-lora-llama"),
+        ("llama-gqa", "peft-dora-llama"),
+        ("phi3", "peft-lora-phi3"),
+    ] {
+        let mut loaded = load(model);
+        load_adapter(&mut loaded, &adapter_dir(case)).unwrap();
+        let unfused = logits_of(&mut loaded, case);
+        let fused = mlx_zoo::adapter::fuse_adapters(loaded.model.as_mut(), None, false).unwrap();
+        assert!(fused.iter().all(|l| l.kept_fraction.is_none()));
+        let after = logits_of(&mut loaded, case);
+        let diff = max_abs_diff(&unfused, &after);
+        assert!(diff < TOLERANCE, "{case}: fused differs by {diff}");
+        // The fused model has no adapter left, and saves and reloads as a plain model.
+        let tmp = tempfile::tempdir().unwrap();
+        loaded.refresh_quantization().unwrap();
+        let options = mlx_zoo::export::SaveOptions::default();
+        mlx_zoo::export::save_mlx_model(
+            &loaded,
+            &mlx_zoo_tests::fixture(model),
+            tmp.path(),
+            &options,
+        )
+        .unwrap();
+        let registry = mlx_zoo::registry().unwrap();
+        let mut reloaded =
+            mlx_zoo::loader::load(&registry, tmp.path(), &Default::default()).unwrap();
+        let diff = max_abs_diff(&unfused, &logits_of(&mut reloaded, case));
+        assert!(
+            diff < TOLERANCE,
+            "{case}: reloaded fused model differs by {diff}"
+        );
+    }
+}
+
+#[test]
+fn fusing_into_a_quantized_base_measures_what_survives() {
+    let registry = mlx_zoo::registry().unwrap();
+    let affine = registry.quantizer("affine").unwrap();
+    let case = "mlxlm-lora-llama-q4";
+    let mut requantized = load("llama-gqa-q4");
+    load_adapter(&mut requantized, &adapter_dir(case)).unwrap();
+    let unfused = logits_of(&mut requantized, case);
+    let fused =
+        mlx_zoo::adapter::fuse_adapters(requantized.model.as_mut(), Some(affine.as_ref()), false)
+            .unwrap();
+    assert_eq!(fused.len(), 4);
+    for layer in &fused {
+        let kept = layer
+            .kept_fraction
+            .expect("a re-quantized layer reports what survives");
+        assert!(kept > 0.0 && kept.is_finite(), "{}: {kept}", layer.path);
+    }
+    // De-quantizing instead keeps the update exactly.
+    let mut dequantized = load("llama-gqa-q4");
+    load_adapter(&mut dequantized, &adapter_dir(case)).unwrap();
+    mlx_zoo::adapter::fuse_adapters(dequantized.model.as_mut(), None, true).unwrap();
+    let diff = max_abs_diff(&unfused, &logits_of(&mut dequantized, case));
+    assert!(diff < TOLERANCE, "de-quantized fuse differs by {diff}");
+    dequantized.refresh_quantization().unwrap();
+    assert_eq!(
+        dequantized.quantization.quantized.len(),
+        12,
+        "untouched layers stay quantized"
     );
 }

@@ -162,3 +162,79 @@ pub fn attach_adapters(
     }
     Ok(attached)
 }
+
+/// What [`fuse_adapters`] did to one layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FusedLayer {
+    /// The layer.
+    pub path: String,
+    /// For a re-quantized layer: the share of the adapter's change to the
+    /// weight that survives re-quantization (`|Q(W + dW) - Q(W)| / |dW|`);
+    /// `None` for float layers.
+    pub kept_fraction: Option<f32>,
+}
+
+fn frobenius(a: &Array) -> Result<f32> {
+    use crate::error::MlxContext;
+    Ok(a.square()
+        .and_then(|s| s.sum(None))
+        .and_then(|s| s.sqrt())
+        .context(|| "measuring a weight change".into())?
+        .item_exact::<f32>())
+}
+
+/// Merges every attached adapter into its layer's weight (in float32) and
+/// detaches it. A quantized layer is de-quantized, merged and re-quantized
+/// with `quantizer` at its own settings, and the share of the update that
+/// survives is measured; with `dequantize` it stays in float instead.
+pub fn fuse_adapters(
+    model: &mut dyn crate::CausalLm,
+    quantizer: Option<&dyn crate::Quantizer>,
+    dequantize: bool,
+) -> Result<Vec<FusedLayer>> {
+    use crate::error::{Error, MlxContext};
+    let mut fused = Vec::new();
+    model.visit_linears(&mut |path, layer| {
+        let Some(attached) = layer.adapter.take() else {
+            return Ok(());
+        };
+        let params = layer.adapter_params();
+        let ctx = || format!("fusing the adapter of {path}");
+        let base = layer
+            .float_weight()?
+            .as_dtype(mlx_rs::Dtype::Float32)
+            .context(ctx)?;
+        let merged = attached.method.merge(&base, &params, &attached.settings)?;
+        let mut kept_fraction = None;
+        let bias = layer.bias.as_ref().clone();
+        match (layer.quantization, dequantize) {
+            (Some(settings), false) => {
+                let quantizer = quantizer.ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{path} is quantized: fusing needs a quantizer (or de-quantize)"
+                    ))
+                })?;
+                let q = quantizer.quantize(&merged, settings)?;
+                let requantized = quantizer.dequantize(&q)?;
+                let change = frobenius(&merged.subtract(&base).context(ctx)?)?;
+                let kept = frobenius(&requantized.subtract(&base).context(ctx)?)?;
+                kept_fraction = Some(if change > 0.0 { kept / change } else { 1.0 });
+                layer.set_quantized(q.packed, q.scales, q.biases, q.settings);
+            }
+            _ => {
+                *layer = crate::nn::linear(layer.input_dims(), layer.output_dims(), false)?;
+                layer.weight = mlx_rs::module::Param::new(merged);
+                layer.bias = mlx_rs::module::Param::new(bias);
+            }
+        }
+        layer.lora_a = mlx_rs::module::Param::new(None);
+        layer.lora_b = mlx_rs::module::Param::new(None);
+        layer.magnitude = mlx_rs::module::Param::new(None);
+        fused.push(FusedLayer {
+            path: path.to_owned(),
+            kept_fraction,
+        });
+        Ok(())
+    })?;
+    Ok(fused)
+}

@@ -32,6 +32,9 @@ pub struct SaveOptions {
     pub dtype: Option<ComputeDtype>,
     /// Start a new shard once a shard would exceed this many bytes.
     pub max_shard_bytes: u64,
+    /// The safetensors `format` metadata: `mlx` for MLX-format models, `pt`
+    /// for a Hugging Face-format export.
+    pub metadata_format: &'static str,
 }
 
 impl Default for SaveOptions {
@@ -39,6 +42,7 @@ impl Default for SaveOptions {
         Self {
             dtype: None,
             max_shard_bytes: 5 << 30,
+            metadata_format: "mlx",
         }
     }
 }
@@ -102,7 +106,8 @@ pub fn save_mlx_model(
     let mut written = Vec::new();
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
-    let metadata: HashMap<String, String> = [("format".to_owned(), "mlx".to_owned())].into();
+    let metadata: HashMap<String, String> =
+        [("format".to_owned(), options.metadata_format.to_owned())].into();
     for (index, shard) in shards.iter().enumerate() {
         let name = if count == 1 {
             "model.safetensors".to_owned()

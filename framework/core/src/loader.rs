@@ -143,6 +143,30 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
+    /// Recomputes [`quantization`](Self::quantization) from the layers, after
+    /// something (fusing with de-quantization) changed them.
+    pub fn refresh_quantization(&mut self) -> Result<()> {
+        let mut report = QuantizationReport::default();
+        self.model.visit_linears(&mut |path, layer| {
+            match layer.quantization {
+                Some(settings) => {
+                    report.quantized.insert(path.to_owned(), settings);
+                }
+                None => {
+                    report
+                        .kept
+                        .insert(path.to_owned(), "full precision".to_owned());
+                }
+            }
+            Ok(())
+        })?;
+        if report.quantized.is_empty() {
+            report.kept.clear();
+        }
+        self.quantization = report;
+        Ok(())
+    }
+
     /// The model layers a checkpoint module (e.g. Phi-3's fused
     /// `model.layers.0.self_attn.qkv_proj`, of `out` output features) maps
     /// to, each with the rows of the checkpoint module's output it covers.
