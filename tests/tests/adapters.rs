@@ -350,3 +350,61 @@ fn fusing_into_a_quantized_base_measures_what_survives() {
         "untouched layers stay quantized"
     );
 }
+
+#[test]
+fn saved_adapters_load_back_with_the_same_logits_in_both_formats() {
+    use mlx_zoo::lora::formats::save_adapter;
+    for (model, case, formats) in [
+        (
+            "llama-gqa",
+            "peft-lora-llama",
+            vec![AdapterFormat::Peft, AdapterFormat::MlxLm],
+        ),
+        (
+            "llama-gqa",
+            "peft-dora-llama",
+            vec![AdapterFormat::Peft, AdapterFormat::MlxLm],
+        ),
+        ("llama-gqa", "peft-rslora-llama", vec![AdapterFormat::Peft]),
+        (
+            "phi3",
+            "peft-lora-phi3",
+            vec![AdapterFormat::Peft, AdapterFormat::MlxLm],
+        ),
+        (
+            "llama-gqa-q4",
+            "mlxlm-lora-llama-q4",
+            vec![AdapterFormat::Peft, AdapterFormat::MlxLm],
+        ),
+    ] {
+        let mut loaded = load(model);
+        let original = load_adapter(&mut loaded, &adapter_dir(case)).unwrap();
+        let expected = logits_of(&mut loaded, case);
+        for format in formats {
+            let tmp = tempfile::tempdir().unwrap();
+            save_adapter(&mut loaded, tmp.path(), format, model).unwrap();
+            let mut reloaded = load(model);
+            let again = load_adapter(&mut reloaded, tmp.path()).unwrap();
+            assert_eq!(again.format, format);
+            assert_eq!(again.modules, original.modules, "{case} as {format:?}");
+            let diff = max_abs_diff(&expected, &logits_of(&mut reloaded, case));
+            assert!(diff < 1e-5, "{case} saved as {format:?} differs by {diff}");
+        }
+    }
+}
+
+#[test]
+fn rslora_cannot_be_saved_in_mlx_lm_format() {
+    let mut loaded = load("llama-gqa");
+    load_adapter(&mut loaded, &adapter_dir("peft-rslora-llama")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let err = mlx_zoo::lora::formats::save_adapter(
+        &mut loaded,
+        tmp.path(),
+        AdapterFormat::MlxLm,
+        "llama-gqa",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rsLoRA"), "{err}");
+}

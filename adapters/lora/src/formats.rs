@@ -376,3 +376,225 @@ fn mlx_lm_settings(config: &Value, path: &Path) -> Result<(AdapterSettings, bool
 }
 
 use mlx_rs::ops::indexing::IndexOp;
+
+/// One checkpoint module's adapter, gathered from the model's layers.
+struct SavedModule {
+    a: Array,
+    b: Array,
+    magnitude: Option<Array>,
+}
+
+/// Writes the adapters attached to `model` to `dir` in `format`, naming
+/// modules the checkpoint's way (split layers of a fused checkpoint module
+/// are joined back: their `A` must be shared). Returns the files written.
+pub fn save_adapter(
+    model: &mut LoadedModel,
+    dir: &Path,
+    format: AdapterFormat,
+    base_model: &str,
+) -> Result<Vec<PathBuf>> {
+    // Adapted layers with their parameters.
+    let mut layers: BTreeMap<String, (AdapterParams, AdapterSettings, &'static str)> =
+        BTreeMap::new();
+    model.model.visit_linears(&mut |path, layer| {
+        if let Some(attached) = &layer.adapter {
+            layers.insert(
+                path.to_owned(),
+                (
+                    layer.adapter_params(),
+                    attached.settings,
+                    attached.method.name(),
+                ),
+            );
+        }
+        Ok(())
+    })?;
+    let Some((_, (_, settings, method))) = layers.iter().next() else {
+        return Err(Error::InvalidArgument(
+            "the model has no adapter to save".into(),
+        ));
+    };
+    let (settings, method) = (*settings, *method);
+    if layers
+        .values()
+        .any(|(_, s, m)| *s != settings || *m != method)
+    {
+        return Err(Error::InvalidArgument(
+            "the model's adapters differ in method or settings; one adapter file holds one kind"
+                .into(),
+        ));
+    }
+    // Checkpoint module names, through the mapping read backwards.
+    let ctx = || "naming adapter tensors".to_owned();
+    let probes: BTreeMap<String, Array> = layers
+        .iter()
+        .map(|(path, (params, ..))| {
+            let rows = params["lora_b"].shape()[1];
+            (
+                format!("{path}.weight"),
+                mlx_rs::ops::zeros::<f32>(&[rows, 1]).unwrap_or_else(|_| Array::from_f32(0.0)),
+            )
+        })
+        .collect();
+    let named = model.export_tensors(&probes).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "{e}; an adapter on part of a fused checkpoint module needs adapters on all its parts"
+        ))
+    })?;
+    let mut modules: BTreeMap<String, SavedModule> = BTreeMap::new();
+    for (name, probe) in &named {
+        let module = name.strip_suffix(".weight").unwrap_or(name).to_owned();
+        let out = probe.shape()[0] as usize;
+        // Only the rows matter to where a module's tensors go.
+        let parts = model.model_modules_of(&module, out, 1)?;
+        let mut a: Option<Array> = None;
+        let (mut bs, mut ms) = (Vec::new(), Vec::new());
+        for (layer, _) in &parts {
+            let (params, ..) = layers.get(layer).ok_or_else(|| {
+                Error::InvalidArgument(format!("{module}: its part {layer} has no adapter"))
+            })?;
+            let part_a = &params["lora_a"];
+            if let Some(first) = &a {
+                let same = first.shape() == part_a.shape()
+                    && mlx_rs::ops::array_eq(first, part_a, None)
+                        .context(ctx)?
+                        .item_exact::<bool>();
+                if !same {
+                    return Err(Error::InvalidArgument(format!(
+                        "{module}: its parts have different lora_a, so they cannot be saved as one module"
+                    )));
+                }
+            } else {
+                a = Some(part_a.clone());
+            }
+            bs.push(params["lora_b"].clone());
+            if let Some(m) = params.get("magnitude") {
+                ms.push(m.clone());
+            }
+        }
+        let b = mlx_rs::ops::concatenate(&bs, 1).context(ctx)?;
+        let magnitude = if ms.is_empty() {
+            None
+        } else {
+            Some(mlx_rs::ops::concatenate(&ms, 0).context(ctx)?)
+        };
+        modules.insert(
+            module,
+            SavedModule {
+                a: a.ok_or_else(|| Error::InvalidArgument("a module with no parts".into()))?,
+                b,
+                magnitude,
+            },
+        );
+    }
+
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut tensors: BTreeMap<String, Array> = BTreeMap::new();
+    let dora = method == "dora";
+    let (weights_name, config) = match format {
+        AdapterFormat::Peft => {
+            for (module, saved) in &modules {
+                let key = format!("base_model.model.{module}");
+                tensors.insert(format!("{key}.lora_A.weight"), saved.a.t());
+                tensors.insert(format!("{key}.lora_B.weight"), saved.b.t());
+                if let Some(m) = &saved.magnitude {
+                    tensors.insert(format!("{key}.lora_magnitude_vector"), m.clone());
+                }
+            }
+            let mut targets: Vec<String> = modules
+                .keys()
+                .filter_map(|m| m.rsplit('.').next().map(str::to_owned))
+                .collect();
+            targets.sort();
+            targets.dedup();
+            let config = serde_json::json!({
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": base_model,
+                "r": settings.rank,
+                "lora_alpha": settings.alpha,
+                "lora_dropout": settings.dropout,
+                "use_rslora": settings.rslora,
+                "use_dora": dora,
+                "target_modules": targets,
+                "bias": "none",
+                "fan_in_fan_out": false,
+                "inference_mode": true,
+                "layers_to_transform": null,
+                "modules_to_save": null,
+            });
+            ("adapter_model.safetensors", config)
+        }
+        AdapterFormat::MlxLm => {
+            if settings.rslora {
+                return Err(Error::InvalidArgument(
+                    "mlx-lm's format has no rsLoRA flag; save rsLoRA adapters in PEFT's format"
+                        .into(),
+                ));
+            }
+            for (module, saved) in &modules {
+                tensors.insert(format!("{module}.lora_a"), saved.a.clone());
+                tensors.insert(format!("{module}.lora_b"), saved.b.clone());
+                if let Some(m) = &saved.magnitude {
+                    tensors.insert(format!("{module}.m"), m.clone());
+                }
+            }
+            let mut keys: Vec<String> = modules
+                .keys()
+                .filter_map(|m| {
+                    let parts: Vec<&str> = m.split('.').collect();
+                    let at = parts.iter().position(|p| *p == "layers" || *p == "h")?;
+                    Some(parts[at + 2..].join("."))
+                })
+                .collect();
+            keys.sort();
+            keys.dedup();
+            let config = serde_json::json!({
+                "fine_tune_type": if dora { "dora" } else { "lora" },
+                "num_layers": model.model.dims().num_layers,
+                "lora_parameters": {
+                    "rank": settings.rank,
+                    "scale": settings.scale(),
+                    "dropout": settings.dropout,
+                    "keys": keys,
+                },
+            });
+            ("adapters.safetensors", config)
+        }
+    };
+    let weights_path = dir.join(weights_name);
+    let tmp = dir.join(format!(".tmp-{}-{weights_name}", std::process::id()));
+    let metadata: std::collections::HashMap<String, String> = [(
+        "format".to_owned(),
+        if format == AdapterFormat::Peft {
+            "pt"
+        } else {
+            "mlx"
+        }
+        .to_owned(),
+    )]
+    .into();
+    Array::save_safetensors(tensors.iter(), &metadata, &tmp).map_err(|e| Error::Io {
+        path: tmp.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    std::fs::rename(&tmp, &weights_path).map_err(|source| Error::Io {
+        path: weights_path.clone(),
+        source,
+    })?;
+    let config_path = dir.join("adapter_config.json");
+    let config_tmp = dir.join(format!(".tmp-{}-adapter_config.json", std::process::id()));
+    let text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    std::fs::write(&config_tmp, text).map_err(|source| Error::Io {
+        path: config_tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&config_tmp, &config_path).map_err(|source| Error::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    Ok(vec![weights_path, config_path])
+}

@@ -143,6 +143,16 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
+    /// Names tensors keyed by model parameter the checkpoint's way (the
+    /// mapping read backwards), e.g. to name adapter tensors for a format
+    /// that uses the checkpoint's module paths.
+    pub fn export_tensors(
+        &self,
+        params: &BTreeMap<String, Array>,
+    ) -> Result<BTreeMap<String, Array>> {
+        self.mapper.export(params)
+    }
+
     /// Recomputes [`quantization`](Self::quantization) from the layers, after
     /// something (fusing with de-quantization) changed them.
     pub fn refresh_quantization(&mut self) -> Result<()> {
