@@ -269,6 +269,31 @@ pub fn convert(args: &ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+/// `zoo convert-adapter`.
+pub fn convert_adapter(adapter: &Path, model: &Path, out: &Path, to: &str) -> Result<()> {
+    use mlx_zoo::lora::formats::{load_adapter, save_adapter, AdapterFormat};
+    let format = match to {
+        "peft" => AdapterFormat::Peft,
+        "mlx-lm" | "mlx_lm" | "mlxlm" => AdapterFormat::MlxLm,
+        other => bail!("unknown adapter format {other:?}: expected peft or mlx-lm"),
+    };
+    let mut loaded = loader::load(&registry()?, model, &LoadOptions::default())
+        .with_context(|| format!("loading {}", model.display()))?;
+    let attached = load_adapter(&mut loaded, adapter)
+        .with_context(|| format!("reading the adapter in {}", adapter.display()))?;
+    let base = model.display().to_string();
+    let files = save_adapter(&mut loaded, out, format, &base)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote the {} adapter ({} layers) as {to} to {} ({} files)",
+        attached.method,
+        attached.modules.len(),
+        out.display(),
+        files.len()
+    );
+    Ok(())
+}
+
 /// `zoo fuse`.
 pub fn fuse(
     model: &Path,

@@ -125,6 +125,23 @@ enum Command {
         #[arg(long)]
         dtype: Option<String>,
     },
+    /// Rewrite an adapter (PEFT or mlx-lm) in the other library's format,
+    /// for the model it was trained on.
+    ///
+    /// Example: zoo convert-adapter ./my-mlx-lora --model ./TinyLlama --to peft --out ./my-peft-lora
+    ConvertAdapter {
+        /// The adapter directory.
+        adapter: PathBuf,
+        /// The base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Target format: peft or mlx-lm.
+        #[arg(long)]
+        to: String,
+    },
     /// Compute logits for token ids and write them as a float32 .npy of
     /// shape [batch, seq, vocab].
     ///
@@ -198,6 +215,12 @@ fn main() -> ExitCode {
             dtype,
             max_shard_mib,
         }),
+        Command::ConvertAdapter {
+            adapter,
+            model,
+            out,
+            to,
+        } => commands::convert_adapter(&adapter, &model, &out, &to),
         Command::Fuse {
             model,
             adapter,

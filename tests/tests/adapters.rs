@@ -408,3 +408,220 @@ fn rslora_cannot_be_saved_in_mlx_lm_format() {
     .to_string();
     assert!(err.contains("rsLoRA"), "{err}");
 }
+
+// Adapters written by mlx-zoo in the other library's format, read by that
+// library (libraries_read_zoo_adapters.py records its logits): the committed
+// files must still be what mlx-zoo writes, and our logits with them must
+// equal the library's.
+
+fn assert_library_reads_what_we_write(
+    case: &str,
+    source: &str,
+    model: &str,
+    format: AdapterFormat,
+) {
+    let mut loaded = load(model);
+    load_adapter(&mut loaded, &adapter_dir(source)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = mlx_zoo_tests::fixture(model).display().to_string();
+    mlx_zoo::lora::formats::save_adapter(&mut loaded, tmp.path(), format, &base).unwrap();
+    let weights = match format {
+        AdapterFormat::Peft => "adapter_model.safetensors",
+        AdapterFormat::MlxLm => "adapters.safetensors",
+    };
+    let today = std::fs::read(tmp.path().join(weights)).unwrap();
+    let committed = std::fs::read(adapter_dir(case).join(weights)).unwrap();
+    assert!(
+        today == committed,
+        "{case}: save_adapter no longer writes the committed bytes"
+    );
+    assert_adapter_parity(
+        model,
+        case,
+        format,
+        if source.contains("dora") {
+            "dora"
+        } else {
+            "lora"
+        },
+    );
+}
+
+#[test]
+fn peft_reads_our_lora_with_our_logits() {
+    assert_library_reads_what_we_write(
+        "zoo-peft-from-mlxlm-lora",
+        "mlxlm-lora-llama",
+        "llama-gqa",
+        AdapterFormat::Peft,
+    );
+}
+
+#[test]
+fn peft_reads_our_dora_with_our_logits() {
+    assert_library_reads_what_we_write(
+        "zoo-peft-from-mlxlm-dora",
+        "mlxlm-dora-llama",
+        "llama-gqa",
+        AdapterFormat::Peft,
+    );
+}
+
+#[test]
+fn mlx_lm_reads_our_lora_with_our_logits() {
+    assert_library_reads_what_we_write(
+        "zoo-mlxlm-from-peft-lora",
+        "peft-lora-llama",
+        "llama-gqa",
+        AdapterFormat::MlxLm,
+    );
+}
+
+#[test]
+fn mlx_lm_reads_our_fused_phi3_lora_with_our_logits() {
+    assert_library_reads_what_we_write(
+        "zoo-mlxlm-from-peft-phi3",
+        "peft-lora-phi3",
+        "phi3",
+        AdapterFormat::MlxLm,
+    );
+}
+
+/// Where an adapter on each checkpoint module of block 0 lands, per family:
+/// checkpoint module -> model layers with the rows of the update they take.
+#[test]
+fn adapter_key_mapping_per_family() {
+    let mut by_family = std::collections::BTreeMap::new();
+    for case in [
+        "llama-gqa",
+        "llama-meta",
+        "mistral-sliding",
+        "mixtral-moe",
+        "phi2",
+        "phi2-msft",
+        "phi3",
+        "qwen2",
+        "qwen-v1",
+    ] {
+        let loaded = load(case);
+        let checkpoint =
+            mlx_zoo::checkpoint::Checkpoint::open(&mlx_zoo_tests::fixture(case)).unwrap();
+        let mut modules = std::collections::BTreeMap::new();
+        for (name, meta) in checkpoint.tensors() {
+            let Some(module) = name.strip_suffix(".weight") else {
+                continue;
+            };
+            let in_block_0 = mlx_zoo::adapter::layer_index(module) == Some(0);
+            if !in_block_0
+                || meta.shape.len() != 2
+                || module.contains("norm")
+                || module.ends_with(".ln")
+                || module.contains("ln_")
+            {
+                continue;
+            }
+            let (out, input) = (meta.shape[0] as usize, meta.shape[1] as usize);
+            let targets: Vec<String> = match loaded.model_modules_of(module, out, input) {
+                Ok(parts) => parts
+                    .into_iter()
+                    .map(|(layer, rows)| format!("{layer} [{}..{}]", rows.start, rows.end))
+                    .collect(),
+                Err(e) => vec![format!("error: {e}")],
+            };
+            modules.insert(format!("base_model.model.{module}.lora_B.weight"), targets);
+        }
+        by_family.insert(case, modules);
+    }
+    insta::assert_yaml_snapshot!(by_family);
+}
+
+#[test]
+fn the_seed_api_creates_a_quantized_model_with_an_adapter_in_one_call() {
+    use mlx_zoo::adapter::{AdapterSettings, AdapterSpec, AdapterTargets};
+    let registry = mlx_zoo::registry().unwrap();
+    let settings = AdapterSettings {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        rslora: false,
+    };
+    let options = mlx_zoo::loader::LoadOptions {
+        quantize: Some(mlx_zoo::quantize::QuantPlan::uniform(
+            mlx_zoo::quantize::QuantSettings {
+                bits: 4,
+                group_size: 32,
+            },
+        )),
+        adapter: Some(AdapterSpec {
+            method: "lora".into(),
+            settings,
+            targets: AdapterTargets {
+                modules: vec![
+                    "q_proj".into(),
+                    "v_proj".into(),
+                    "k_proj".into(),
+                    "o_proj".into(),
+                ],
+                ..Default::default()
+            },
+        }),
+        ..Default::default()
+    };
+    let mut model = mlx_zoo::loader::load(
+        &registry,
+        &mlx_zoo_tests::fixture("mistral-sliding"),
+        &options,
+    )
+    .unwrap();
+    assert_eq!(model.quantization.quantized.len(), 16);
+    let mut adapted = Vec::new();
+    model
+        .model
+        .visit_linears(&mut |path, layer| {
+            if layer.adapter.is_some() {
+                assert!(
+                    layer.is_quantized(),
+                    "{path}: QLoRA keeps the base quantized"
+                );
+                adapted.push(path.to_owned());
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(adapted.len(), 8);
+    // apply_lora on an already loaded float model, with the family's defaults too.
+    let mut plain = load("phi2");
+    let added = plain
+        .apply_lora(&registry, &["dense", "fc1"], settings)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        added.contains("\"dense\" matches no linear layer"),
+        "{added}"
+    );
+    let layers = plain
+        .apply_lora(&registry, &["o_proj", "fc1"], settings)
+        .unwrap();
+    assert_eq!(layers.len(), 4);
+    let mut defaults = load("qwen-v1");
+    let targets = defaults
+        .apply_adapter(&registry, "dora", settings, &AdapterTargets::default())
+        .unwrap();
+    assert_eq!(
+        targets,
+        vec!["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    );
+    let ranged = load("llama-gqa")
+        .apply_adapter(
+            &registry,
+            "lora",
+            settings,
+            &AdapterTargets {
+                all_linear: true,
+                layers: Some((1, 1)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(ranged.len(), 7, "{ranged:?}");
+}

@@ -238,3 +238,15 @@ pub fn fuse_adapters(
     })?;
     Ok(fused)
 }
+
+/// A fresh adapter to attach at load time: the method's registered name,
+/// its settings and its targets (the seed's `lora_config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterSpec {
+    /// `lora` or `dora` (any registered adapter).
+    pub method: String,
+    /// Rank, alpha, dropout, rsLoRA.
+    pub settings: AdapterSettings,
+    /// Which layers.
+    pub targets: AdapterTargets,
+}

@@ -70,6 +70,8 @@ pub struct LoadOptions {
     pub quantize: Option<QuantPlan>,
     /// The registered quantizer to use (default `affine`).
     pub quantizer: Option<String>,
+    /// Attach a fresh adapter after loading (and quantizing).
+    pub adapter: Option<crate::adapter::AdapterSpec>,
 }
 
 /// What `inspect` finds out without loading tensor data.
@@ -143,6 +145,46 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
+    /// Attaches a fresh adapter of the registered `method` to `targets`
+    /// (module names such as `q_proj`, patterns, or the architecture's
+    /// defaults when empty) and returns the adapted layers.
+    pub fn apply_adapter(
+        &mut self,
+        registry: &Registry,
+        method: &str,
+        settings: crate::adapter::AdapterSettings,
+        targets: &crate::adapter::AdapterTargets,
+    ) -> Result<Vec<String>> {
+        let adapter = registry.adapter(method).ok_or_else(|| {
+            let known: Vec<&str> = registry.adapters().iter().map(|a| a.name()).collect();
+            Error::InvalidArgument(format!(
+                "no adapter named {method:?} is registered (registered: {})",
+                known.join(", ")
+            ))
+        })?;
+        let defaults: Vec<&str> = self
+            .default_adapter_targets
+            .iter()
+            .map(String::as_str)
+            .collect();
+        crate::adapter::attach_adapters(self.model.as_mut(), adapter, settings, targets, &defaults)
+    }
+
+    /// LoRA on the layers named in `target_modules` (the seed's
+    /// `model.apply_lora(target_modules=[...])`).
+    pub fn apply_lora(
+        &mut self,
+        registry: &Registry,
+        target_modules: &[&str],
+        settings: crate::adapter::AdapterSettings,
+    ) -> Result<Vec<String>> {
+        let targets = crate::adapter::AdapterTargets {
+            modules: target_modules.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        self.apply_adapter(registry, "lora", settings, &targets)
+    }
+
     /// Names tensors keyed by model parameter the checkpoint's way (the
     /// mapping read backwards), e.g. to name adapter tensors for a format
     /// that uses the checkpoint's module paths.
@@ -569,7 +611,7 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
         }
         model.update_flattened(cast.into_iter().collect());
     }
-    Ok(LoadedModel {
+    let mut loaded = LoadedModel {
         architecture: opened.architecture,
         model,
         report: plan.report,
@@ -578,5 +620,9 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
         quantization,
         default_adapter_targets: opened.default_adapter_targets,
         mapper,
-    })
+    };
+    if let Some(spec) = &options.adapter {
+        loaded.apply_adapter(registry, &spec.method, spec.settings, &spec.targets)?;
+    }
+    Ok(loaded)
 }
