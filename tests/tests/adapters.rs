@@ -625,3 +625,40 @@ fn the_seed_api_creates_a_quantized_model_with_an_adapter_in_one_call() {
         .unwrap();
     assert_eq!(ranged.len(), 7, "{ranged:?}");
 }
+
+#[test]
+fn only_adapter_parameters_are_trainable() {
+    use mlx_rs::module::ModuleParameters;
+    let mut loaded = load("llama-gqa-q4");
+    load_adapter(&mut loaded, &adapter_dir("mlxlm-lora-llama-q4")).unwrap();
+    let trainable: Vec<String> = loaded
+        .model
+        .trainable_parameters()
+        .flatten()
+        .keys()
+        .map(|k| k.to_string())
+        .collect();
+    assert_eq!(trainable.len(), 8, "{trainable:?}");
+    assert!(
+        trainable
+            .iter()
+            .all(|k| k.ends_with(".lora_a") || k.ends_with(".lora_b")),
+        "{trainable:?}"
+    );
+    let registry = mlx_zoo::registry().unwrap();
+    let settings = mlx_zoo::adapter::AdapterSettings {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        rslora: false,
+    };
+    let mut dora = load("llama-gqa");
+    dora.apply_adapter(&registry, "dora", settings, &Default::default())
+        .unwrap();
+    let count = dora.model.trainable_parameters().flatten().len();
+    assert_eq!(
+        count,
+        4 * 3,
+        "q_proj and v_proj of 2 blocks, 3 tensors each"
+    );
+}

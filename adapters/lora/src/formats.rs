@@ -235,6 +235,7 @@ pub fn load_adapter(model: &mut LoadedModel, dir: &Path) -> Result<LoadedAdapter
             "{tensor}: maps to {path}, which is not a linear layer of the model"
         )));
     }
+    mlx_zoo_core::adapter::freeze_all_but_adapters(model.model.as_mut())?;
     Ok(LoadedAdapter {
         format,
         method: method.name(),

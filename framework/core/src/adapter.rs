@@ -99,8 +99,9 @@ pub fn layer_index(path: &str) -> Option<usize> {
 }
 
 /// Attaches a fresh `method` adapter to the targeted linear layers of
-/// `model` and returns their paths. A pattern that matches no layer, or a
-/// target that is an expert stack, is an error.
+/// `model`, freezes everything else (see [`freeze_all_but_adapters`]) and
+/// returns their paths. A pattern that matches no layer, or a target that
+/// is an expert stack, is an error.
 pub fn attach_adapters(
     model: &mut dyn crate::CausalLm,
     method: std::sync::Arc<dyn Adapter>,
@@ -160,6 +161,7 @@ pub fn attach_adapters(
             "no linear layer is targeted (check the layer range)".into(),
         ));
     }
+    freeze_all_but_adapters(model)?;
     Ok(attached)
 }
 
@@ -249,4 +251,20 @@ pub struct AdapterSpec {
     pub settings: AdapterSettings,
     /// Which layers.
     pub targets: AdapterTargets,
+}
+
+/// Freezes every parameter of `model` except the adapters' (`lora_a`,
+/// `lora_b`, `magnitude`), so that `trainable_parameters` (what
+/// value-and-grad and the optimizer see) is exactly the adapters.
+pub fn freeze_all_but_adapters(model: &mut dyn crate::CausalLm) -> Result<()> {
+    use mlx_rs::module::Parameter;
+    model.freeze_parameters(true);
+    model.visit_linears(&mut |_, layer| {
+        if layer.adapter.is_some() {
+            layer.lora_a.unfreeze(false);
+            layer.lora_b.unfreeze(false);
+            layer.magnitude.unfreeze(false);
+        }
+        Ok(())
+    })
 }
