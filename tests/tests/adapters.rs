@@ -186,7 +186,7 @@ fn rank_disagreeing_with_the_config_is_named() {
         .replace("\"r\": 4", "\"r\": 8");
     std::fs::write(&path, config).unwrap();
     let err = load_error("llama-gqa", tmp.path());
-    assert!(err.contains("the config says rank 8"), "{err}");
+    assert!(err.contains("do not have the config's rank 8"), "{err}");
 }
 
 #[test]
@@ -660,5 +660,62 @@ fn only_adapter_parameters_are_trainable() {
         count,
         4 * 3,
         "q_proj and v_proj of 2 blocks, 3 tensors each"
+    );
+}
+
+#[test]
+fn lora_on_expert_stacks_fuses_to_the_same_forward() {
+    let registry = mlx_zoo::registry().unwrap();
+    let settings = mlx_zoo::adapter::AdapterSettings {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        rslora: false,
+    };
+    let targets = mlx_zoo::adapter::AdapterTargets {
+        modules: vec!["switch_mlp.gate_proj".into(), "switch_mlp.down_proj".into()],
+        ..Default::default()
+    };
+    let mut loaded = load("mixtral-moe");
+    let layers = loaded
+        .apply_adapter(&registry, "lora", settings, &targets)
+        .unwrap();
+    assert_eq!(layers.len(), 4, "{layers:?}");
+    // Give B values so the adapter does something, then compare with fusing.
+    loaded
+        .model
+        .visit_linears(&mut |_, layer| {
+            if layer.adapter.is_some() {
+                let shape = layer.lora_b.as_ref().as_ref().unwrap().shape().to_vec();
+                let key = mlx_rs::random::key(5).unwrap();
+                let b = mlx_rs::random::normal::<f32>(&shape, None, None, &key).unwrap();
+                layer.lora_b = mlx_rs::module::Param::new(Some(b));
+            }
+            Ok(())
+        })
+        .unwrap();
+    let ids = mlx_zoo_tests::reference("mixtral-moe").input_ids;
+    let adapted = loaded
+        .model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec();
+    mlx_zoo::adapter::fuse_adapters(loaded.model.as_mut(), None, false).unwrap();
+    let fused = loaded
+        .model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec();
+    let diff = max_abs_diff(&adapted, &fused);
+    assert!(diff < TOLERANCE, "expert LoRA fused differs by {diff}");
+    let dora = load("mixtral-moe")
+        .apply_adapter(&registry, "dora", settings, &targets)
+        .unwrap_err();
+    assert!(
+        dora.to_string()
+            .contains("DoRA adapters do not support expert stacks"),
+        "{dora}"
     );
 }

@@ -151,14 +151,28 @@ pub fn load_adapter(model: &mut LoadedModel, dir: &Path) -> Result<LoadedAdapter
                 if dora { "DoRA" } else { "LoRA" }
             )));
         }
-        let (input, rank) = (a.shape()[0] as usize, a.shape()[1] as usize);
-        let out = b.shape()[1] as usize;
-        if rank != settings.rank || b.shape()[0] as usize != rank {
+        // [in, r] / [r, out], or mlx-lm's switch layout for expert stacks:
+        // [experts, r, in] / [experts, out, r].
+        let experts = a.ndim() == 3;
+        let (input, rank, b_rank, out) = if experts {
+            (a.shape()[2], a.shape()[1], b.shape()[2], b.shape()[1])
+        } else {
+            (a.shape()[0], a.shape()[1], b.shape()[0], b.shape()[1])
+        };
+        let (input, rank, out) = (input as usize, rank as usize, out as usize);
+        if rank != settings.rank || b_rank as usize != rank || b.ndim() != a.ndim() {
             return Err(Error::Mapping(format!(
-                "{}: {a_name} / {b_name} have rank {rank} x {}; the config says rank {}",
+                "{}: {a_name} / {b_name} (shapes {:?} / {:?}) do not have the config's rank {}",
                 tensors_path.display(),
-                b.shape()[0],
+                a.shape(),
+                b.shape(),
                 settings.rank
+            )));
+        }
+        if experts && format == AdapterFormat::Peft {
+            return Err(Error::Mapping(format!(
+                "{}: {a_name}: PEFT adapters on expert stacks are not supported",
+                tensors_path.display()
             )));
         }
         let all_zero = b
@@ -173,7 +187,31 @@ pub fn load_adapter(model: &mut LoadedModel, dir: &Path) -> Result<LoadedAdapter
                 tensors_path.display()
             )));
         }
-        for (layer, rows) in model.model_modules_of(&module, out, input)? {
+        let targets = model.model_modules_of(&module, out, input)?;
+        if experts {
+            let [(layer, _)] = targets.as_slice() else {
+                return Err(Error::Mapping(format!(
+                    "{}: {module} is an expert stack split across layers; not supported",
+                    tensors_path.display()
+                )));
+            };
+            let params: AdapterParams = [
+                (
+                    "lora_a".to_owned(),
+                    a.as_dtype(mlx_rs::Dtype::Float32)
+                        .context(|| format!("casting {a_name}"))?,
+                ),
+                (
+                    "lora_b".to_owned(),
+                    b.as_dtype(mlx_rs::Dtype::Float32)
+                        .context(|| format!("casting {b_name}"))?,
+                ),
+            ]
+            .into();
+            planned.insert(layer.clone(), (params, a_name.clone()));
+            continue;
+        }
+        for (layer, rows) in targets {
             let range = rows.start as i32..rows.end as i32;
             let b_part = b
                 .index((.., range.clone()))
@@ -212,16 +250,29 @@ pub fn load_adapter(model: &mut LoadedModel, dir: &Path) -> Result<LoadedAdapter
     model.model.visit_linears(&mut |path, layer| {
         if let Some((params, tensor)) = planned.remove(path) {
             let input = layer.input_dims();
-            if params["lora_a"].shape()[0] as usize != input {
+            let (a, b) = (&params["lora_a"], &params["lora_b"]);
+            let stack = layer.weight.as_ref().ndim() == 3;
+            if (a.ndim() == 3) != stack {
                 return Err(Error::Mapping(format!(
-                    "{tensor}: {} inputs, but {path} has {input}",
-                    params["lora_a"].shape()[0]
+                    "{tensor}: shape {:?} does not fit {path} ({})",
+                    a.shape(),
+                    if stack {
+                        "an expert stack"
+                    } else {
+                        "a single matrix"
+                    }
                 )));
             }
-            if params["lora_b"].shape()[1] as usize != layer.output_dims() {
+            let a_inputs = if stack { a.shape()[2] } else { a.shape()[0] } as usize;
+            if a_inputs != input {
+                return Err(Error::Mapping(format!(
+                    "{tensor}: {a_inputs} inputs, but {path} has {input}"
+                )));
+            }
+            if b.shape()[1] as usize != layer.output_dims() {
                 return Err(Error::Mapping(format!(
                     "{tensor}: the update has {} outputs, but {path} has {}",
-                    params["lora_b"].shape()[1],
+                    b.shape()[1],
                     layer.output_dims()
                 )));
             }

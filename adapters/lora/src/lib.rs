@@ -30,25 +30,30 @@ fn param<'a>(params: &'a AdapterParams, name: &str, method: &str) -> Result<&'a 
 }
 
 /// `lora_a` ~ U(-1/sqrt(in), 1/sqrt(in)) and `lora_b` = 0, so a fresh
-/// adapter changes nothing.
+/// adapter changes nothing. A `[out, in]` weight gets `[in, r]` / `[r, out]`;
+/// an `[experts, out, in]` stack gets mlx-lm's switch layout, `[experts, r,
+/// in]` / `[experts, out, r]`.
 fn init_low_rank(base_weight: &Array, settings: &AdapterSettings) -> Result<AdapterParams> {
     let shape = base_weight.shape();
-    let (output, input) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-    if shape.len() != 2 {
-        return Err(Error::InvalidArgument(format!(
-            "low-rank adapters apply to [out, in] weights, got {shape:?}"
-        )));
-    }
     if settings.rank == 0 {
         return Err(Error::InvalidArgument(
             "the adapter rank must be positive".into(),
         ));
     }
     let rank = settings.rank as i32;
-    let bound = 1.0 / (input as f32).sqrt();
     let ctx = || "initialising an adapter".to_owned();
-    let a = mlx_rs::random::uniform::<_, f32>(-bound, bound, &[input, rank], None).context(ctx)?;
-    let b = mlx_rs::ops::zeros::<f32>(&[rank, output]).context(ctx)?;
+    let (a_shape, b_shape) = match *shape {
+        [output, input] => (vec![input, rank], vec![rank, output]),
+        [experts, output, input] => (vec![experts, rank, input], vec![experts, output, rank]),
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "low-rank adapters apply to [out, in] weights or [experts, out, in] stacks, got {shape:?}"
+            )))
+        }
+    };
+    let bound = 1.0 / (shape[shape.len() - 1] as f32).sqrt();
+    let a = mlx_rs::random::uniform::<_, f32>(-bound, bound, &a_shape, None).context(ctx)?;
+    let b = mlx_rs::ops::zeros::<f32>(&b_shape).context(ctx)?;
     Ok([("lora_a".to_owned(), a), ("lora_b".to_owned(), b)].into())
 }
 
@@ -81,7 +86,12 @@ fn merged_weight(
     let ctx = || format!("merging a {method} adapter");
     let a = param(params, "lora_a", method)?;
     let b = param(params, "lora_b", method)?;
-    let delta = mlx_rs::ops::matmul(a, b).context(ctx)?.t();
+    // Per expert `B[e] A[e]` for a stack (switch layout), else `(A B)^T`.
+    let delta = if base_weight.ndim() == 3 {
+        mlx_rs::ops::matmul(b, a).context(ctx)?
+    } else {
+        mlx_rs::ops::matmul(a, b).context(ctx)?.t()
+    };
     let scale = Array::from_f32(settings.scale());
     let delta = delta.multiply(&scale).context(ctx)?;
     base_weight
@@ -120,6 +130,32 @@ impl Adapter for Lora {
             .context(|| "adding the LoRA update".into())
     }
 
+    fn gather_forward(
+        &self,
+        x: &Array,
+        base_output: &Array,
+        indices: &Array,
+        params: &AdapterParams,
+        settings: &AdapterSettings,
+    ) -> Result<Array> {
+        let ctx = || "applying a LoRA update to experts".to_owned();
+        let a = param(params, "lora_a", "LoRA")?
+            .swap_axes(-1, -2)
+            .context(ctx)?;
+        let b = param(params, "lora_b", "LoRA")?
+            .swap_axes(-1, -2)
+            .context(ctx)?;
+        let z = mlx_rs::ops::gather_mm(x, &a, None, indices, None)
+            .and_then(|z| mlx_rs::ops::gather_mm(&z, &b, None, indices, None))
+            .context(ctx)?;
+        let scale = Array::from_f32(settings.scale())
+            .as_dtype(z.dtype())
+            .context(ctx)?;
+        base_output
+            .add(z.multiply(&scale).context(ctx)?)
+            .context(ctx)
+    }
+
     fn merge(
         &self,
         base_weight: &Array,
@@ -156,6 +192,11 @@ impl Adapter for Dora {
     }
 
     fn init(&self, base_weight: &Array, settings: &AdapterSettings) -> Result<AdapterParams> {
+        if base_weight.ndim() != 2 {
+            return Err(Error::InvalidArgument(
+                "DoRA adapters do not support expert stacks".into(),
+            ));
+        }
         let mut params = init_low_rank(base_weight, settings)?;
         params.insert(
             "magnitude".to_owned(),

@@ -63,6 +63,23 @@ pub trait Adapter: Send + Sync {
         params: &AdapterParams,
         settings: &AdapterSettings,
     ) -> Result<Array>;
+    /// The adapted output of an expert stack ([`Linear::gather_forward`](crate::nn::Linear::gather_forward)):
+    /// `x` is `[tokens, 1 or k, 1, in]`, `indices` `[tokens, k]`, and
+    /// `base_output` `[tokens, k, 1, out]`. Methods without expert support
+    /// refuse.
+    fn gather_forward(
+        &self,
+        _x: &Array,
+        _base_output: &Array,
+        _indices: &Array,
+        _params: &AdapterParams,
+        _settings: &AdapterSettings,
+    ) -> Result<Array> {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "{} adapters do not support expert stacks",
+            self.name()
+        )))
+    }
     /// The base weight with the adapter merged in.
     fn merge(
         &self,
@@ -139,11 +156,6 @@ pub fn attach_adapters(
         if !(wanted && in_range) {
             return Ok(());
         }
-        if layer.weight.as_ref().ndim() != 2 {
-            return Err(Error::InvalidArgument(format!(
-                "{path} is a stack of experts; adapters on expert stacks are not supported yet"
-            )));
-        }
         layer
             .attach_adapter(method.clone(), settings)
             .map_err(|e| Error::InvalidArgument(format!("{path}: {e}")))?;
@@ -208,7 +220,6 @@ pub fn fuse_adapters(
             .context(ctx)?;
         let merged = attached.method.merge(&base, &params, &attached.settings)?;
         let mut kept_fraction = None;
-        let bias = layer.bias.as_ref().clone();
         match (layer.quantization, dequantize) {
             (Some(settings), false) => {
                 let quantizer = quantizer.ok_or_else(|| {
@@ -224,9 +235,10 @@ pub fn fuse_adapters(
                 layer.set_quantized(q.packed, q.scales, q.biases, q.settings);
             }
             _ => {
-                *layer = crate::nn::linear(layer.input_dims(), layer.output_dims(), false)?;
                 layer.weight = mlx_rs::module::Param::new(merged);
-                layer.bias = mlx_rs::module::Param::new(bias);
+                layer.scales = mlx_rs::module::Param::new(None);
+                layer.biases = mlx_rs::module::Param::new(None);
+                layer.quantization = None;
             }
         }
         layer.lora_a = mlx_rs::module::Param::new(None);

@@ -228,6 +228,17 @@ impl<T: Adapter + ?Sized> Adapter for Static<T> {
         self.0
             .forward(x, base_output, base_weight, params, settings)
     }
+    fn gather_forward(
+        &self,
+        x: &mlx_rs::Array,
+        base_output: &mlx_rs::Array,
+        indices: &mlx_rs::Array,
+        params: &crate::adapter::AdapterParams,
+        settings: &crate::adapter::AdapterSettings,
+    ) -> Result<mlx_rs::Array> {
+        self.0
+            .gather_forward(x, base_output, indices, params, settings)
+    }
     fn merge(
         &self,
         base_weight: &mlx_rs::Array,

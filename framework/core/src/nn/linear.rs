@@ -275,6 +275,20 @@ impl Linear {
     /// stack to `x` (`[tokens, 1, 1, in]` or `[tokens, k, 1, in]`), giving
     /// `[tokens, k, 1, out]`.
     pub fn gather_forward(&self, x: &Array, indices: &Array) -> Result<Array> {
+        let output = self.base_gather_forward(x, indices)?;
+        match &self.adapter {
+            None => Ok(output),
+            Some(attached) => attached.method.gather_forward(
+                x,
+                &output,
+                indices,
+                &self.adapter_params(),
+                &attached.settings,
+            ),
+        }
+    }
+
+    fn base_gather_forward(&self, x: &Array, indices: &Array) -> Result<Array> {
         let ctx = || "applying the selected experts".to_owned();
         match self.quantization {
             None => {
