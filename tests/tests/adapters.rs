@@ -719,3 +719,35 @@ fn lora_on_expert_stacks_fuses_to_the_same_forward() {
         "{dora}"
     );
 }
+
+#[test]
+fn mlx_lm_lora_on_mixtral_experts_matches_mlx_lm() {
+    // q_proj and the three switch_mlp stacks in 2 blocks.
+    assert_eq!(
+        assert_adapter_parity(
+            "mixtral-moe",
+            "mlxlm-lora-mixtral",
+            AdapterFormat::MlxLm,
+            "lora"
+        ),
+        8
+    );
+}
+
+#[test]
+fn expert_adapters_round_trip_in_mlx_lm_format_only() {
+    use mlx_zoo::lora::formats::save_adapter;
+    let mut loaded = load("mixtral-moe");
+    load_adapter(&mut loaded, &adapter_dir("mlxlm-lora-mixtral")).unwrap();
+    let expected = logits_of(&mut loaded, "mlxlm-lora-mixtral");
+    let tmp = tempfile::tempdir().unwrap();
+    save_adapter(&mut loaded, tmp.path(), AdapterFormat::MlxLm, "mixtral-moe").unwrap();
+    let mut reloaded = load("mixtral-moe");
+    load_adapter(&mut reloaded, tmp.path()).unwrap();
+    let diff = max_abs_diff(&expected, &logits_of(&mut reloaded, "mlxlm-lora-mixtral"));
+    assert!(diff < 1e-5, "{diff}");
+    let peft = tempfile::tempdir().unwrap();
+    let err =
+        save_adapter(&mut loaded, peft.path(), AdapterFormat::Peft, "mixtral-moe").unwrap_err();
+    assert!(err.to_string().contains("is an expert stack"), "{err}");
+}

@@ -548,6 +548,15 @@ pub fn save_adapter(
     let dora = method == "dora";
     let (weights_name, config) = match format {
         AdapterFormat::Peft => {
+            if let Some(module) = modules
+                .iter()
+                .find(|(_, m)| m.a.ndim() == 3)
+                .map(|(n, _)| n)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{module} is an expert stack; PEFT's format for expert adapters is not supported, save in mlx-lm's format"
+                )));
+            }
             for (module, saved) in &modules {
                 let key = format!("base_model.model.{module}");
                 tensors.insert(format!("{key}.lora_A.weight"), saved.a.t());
