@@ -476,10 +476,23 @@ pub fn save_adapter(
                 .into(),
         ));
     }
-    // Checkpoint module names, through the mapping read backwards.
+    // Checkpoint module names, through the mapping read backwards. Expert
+    // stacks keep the model's names, which are mlx-lm's stacked ones.
     let ctx = || "naming adapter tensors".to_owned();
+    let mut modules: BTreeMap<String, SavedModule> = BTreeMap::new();
+    for (path, (params, ..)) in layers.iter().filter(|(_, (p, ..))| p["lora_a"].ndim() == 3) {
+        modules.insert(
+            path.clone(),
+            SavedModule {
+                a: params["lora_a"].clone(),
+                b: params["lora_b"].clone(),
+                magnitude: None,
+            },
+        );
+    }
     let probes: BTreeMap<String, Array> = layers
         .iter()
+        .filter(|(_, (p, ..))| p["lora_a"].ndim() == 2)
         .map(|(path, (params, ..))| {
             let rows = params["lora_b"].shape()[1];
             (
@@ -493,7 +506,6 @@ pub fn save_adapter(
             "{e}; an adapter on part of a fused checkpoint module needs adapters on all its parts"
         ))
     })?;
-    let mut modules: BTreeMap<String, SavedModule> = BTreeMap::new();
     for (name, probe) in &named {
         let module = name.strip_suffix(".weight").unwrap_or(name).to_owned();
         let out = probe.shape()[0] as usize;
