@@ -220,3 +220,46 @@ fn inspect_lists_each_layer_with_its_quantization_and_size() {
         .unwrap();
     assert!(kept.contains("full precision"), "{kept}");
 }
+
+#[test]
+fn fuse_and_convert_adapter_write_loadable_models_and_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapters = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/adapters");
+    let fused = dir.path().join("fused");
+    let out = stdout(&zoo(&[
+        "fuse",
+        fixture("llama-gqa-q4").to_str().unwrap(),
+        "--adapter",
+        adapters.join("mlxlm-lora-llama-q4").to_str().unwrap(),
+        "--out",
+        fused.to_str().unwrap(),
+    ]));
+    assert!(out.contains("fused a lora adapter into 4 layers"), "{out}");
+    assert!(out.contains("re-quantization keeps"), "{out}");
+    stdout(&zoo(&["inspect", fused.to_str().unwrap()]));
+    let converted = dir.path().join("peft");
+    let out = stdout(&zoo(&[
+        "convert-adapter",
+        adapters.join("mlxlm-lora-llama").to_str().unwrap(),
+        "--model",
+        fixture("llama-gqa").to_str().unwrap(),
+        "--to",
+        "peft",
+        "--out",
+        converted.to_str().unwrap(),
+    ]));
+    assert!(out.contains("as peft"), "{out}");
+    assert!(converted.join("adapter_model.safetensors").is_file());
+    let bad = zoo(&[
+        "logits",
+        fixture("llama-gqa").to_str().unwrap(),
+        "--adapter",
+        dir.path().to_str().unwrap(),
+        "--tokens",
+        "/nonexistent.json",
+        "--out",
+        dir.path().join("x.npy").to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no adapter found"));
+}

@@ -751,3 +751,75 @@ fn expert_adapters_round_trip_in_mlx_lm_format_only() {
         save_adapter(&mut loaded, peft.path(), AdapterFormat::Peft, "mixtral-moe").unwrap_err();
     assert!(err.to_string().contains("is an expert stack"), "{err}");
 }
+
+#[test]
+fn dora_on_a_quantized_base_equals_dora_on_its_dequantized_weights() {
+    use mlx_zoo::lora::formats::save_adapter;
+    let registry = mlx_zoo::registry().unwrap();
+    let settings = mlx_zoo::adapter::AdapterSettings {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        rslora: false,
+    };
+    // A DoRA adapter with non-zero B on the 4-bit model, saved ...
+    let mut quantized = load("llama-gqa-q4");
+    quantized
+        .apply_adapter(&registry, "dora", settings, &Default::default())
+        .unwrap();
+    quantized
+        .model
+        .visit_linears(&mut |_, layer| {
+            if layer.adapter.is_some() {
+                let shape = layer.lora_b.as_ref().as_ref().unwrap().shape().to_vec();
+                let key = mlx_rs::random::key(11).unwrap();
+                layer.lora_b = mlx_rs::module::Param::new(Some(
+                    mlx_rs::random::normal::<f32>(&shape, None, None, &key).unwrap(),
+                ));
+            }
+            Ok(())
+        })
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    save_adapter(
+        &mut quantized,
+        tmp.path(),
+        AdapterFormat::Peft,
+        "llama-gqa-q4",
+    )
+    .unwrap();
+    let ids = mlx_zoo_tests::reference("llama-gqa").input_ids;
+    let on_quantized = quantized
+        .model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec();
+    // ... and loaded onto the same model with every layer de-quantized.
+    let mut float = load("llama-gqa-q4");
+    float
+        .model
+        .visit_linears(&mut |_, layer| {
+            if layer.is_quantized() {
+                let weight = layer.float_weight()?;
+                layer.weight = mlx_rs::module::Param::new(weight);
+                layer.scales = mlx_rs::module::Param::new(None);
+                layer.biases = mlx_rs::module::Param::new(None);
+                layer.quantization = None;
+            }
+            Ok(())
+        })
+        .unwrap();
+    load_adapter(&mut float, tmp.path()).unwrap();
+    let on_float = float
+        .model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec();
+    let diff = max_abs_diff(&on_quantized, &on_float);
+    assert!(
+        diff < TOLERANCE,
+        "QDoRA differs from DoRA on the de-quantized weights by {diff}"
+    );
+}
