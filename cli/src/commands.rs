@@ -269,6 +269,64 @@ pub fn convert(args: &ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+/// Arguments of `zoo generate`.
+pub struct GenerateArgs {
+    pub model: std::path::PathBuf,
+    pub prompt_ids: Vec<u32>,
+    pub adapter: Option<std::path::PathBuf>,
+    pub json: bool,
+    pub options: mlx_zoo::generate::GenerateOptions,
+}
+
+/// `zoo generate`.
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    use std::io::Write;
+    let mut loaded = loader::load(&registry()?, &args.model, &LoadOptions::default())
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some(dir) = &args.adapter {
+        mlx_zoo::lora::formats::load_adapter(&mut loaded, dir)
+            .with_context(|| format!("applying the adapter in {}", dir.display()))?;
+    }
+    let mut generation = mlx_zoo::generate::generate(
+        loaded.model.as_mut(),
+        &args.prompt_ids,
+        args.options.clone(),
+    )
+    .context("processing the prompt")?;
+    let mut tokens = Vec::new();
+    let mut out = std::io::stdout().lock();
+    for token in generation.by_ref() {
+        let token = token.context("generating")?;
+        if !args.json {
+            write!(out, "{token} ")?;
+            out.flush()?;
+        }
+        tokens.push(token);
+    }
+    let stats = generation.stats().clone();
+    if args.json {
+        let report = serde_json::json!({
+            "prompt_ids": args.prompt_ids,
+            "generated_ids": tokens,
+            "prompt_tokens": stats.prompt_tokens,
+            "generated_tokens": stats.generated_tokens,
+            "prompt_tokens_per_second": stats.prompt_tps(),
+            "generation_tokens_per_second": stats.generation_tps(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        writeln!(out)?;
+        eprintln!(
+            "prompt: {} tokens, {:.1} tokens/s; generation: {} tokens, {:.1} tokens/s",
+            stats.prompt_tokens,
+            stats.prompt_tps(),
+            stats.generated_tokens,
+            stats.generation_tps()
+        );
+    }
+    Ok(())
+}
+
 /// `zoo convert-adapter`.
 pub fn convert_adapter(adapter: &Path, model: &Path, out: &Path, to: &str) -> Result<()> {
     use mlx_zoo::lora::formats::{load_adapter, save_adapter, AdapterFormat};

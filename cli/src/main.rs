@@ -142,6 +142,48 @@ enum Command {
         #[arg(long)]
         to: String,
     },
+    /// Generate tokens after a prompt of token ids, streaming them as they
+    /// come, greedy by default.
+    ///
+    /// Examples: zoo generate ./TinyLlama --prompt-ids 1,15043,29892 --max-tokens 32
+    ///           zoo generate ./TinyLlama --prompt-ids 1,2,3 --temp 0.8 --top-p 0.95 --seed 7 --json
+    Generate {
+        /// A model directory.
+        model: PathBuf,
+        /// Prompt token ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        prompt_ids: Vec<u32>,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Sampling temperature (0: greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temp: f32,
+        /// Nucleus sampling threshold.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Keep only the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Drop tokens less likely than this fraction of the best.
+        #[arg(long, default_value_t = 0.0)]
+        min_p: f32,
+        /// Penalty on tokens already seen (1: none).
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        /// Sampler seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop at any of these token ids.
+        #[arg(long, value_delimiter = ',')]
+        stop_ids: Vec<u32>,
+        /// Apply this adapter (PEFT or mlx-lm).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Print the prompt and generated ids and tokens/s as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compute logits for token ids and write them as a float32 .npy of
     /// shape [batch, seq, vocab].
     ///
@@ -214,6 +256,38 @@ fn main() -> ExitCode {
             q_recipe,
             dtype,
             max_shard_mib,
+        }),
+        Command::Generate {
+            model,
+            prompt_ids,
+            max_tokens,
+            temp,
+            top_p,
+            top_k,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop_ids,
+            adapter,
+            json,
+        } => commands::generate(&commands::GenerateArgs {
+            model,
+            prompt_ids,
+            adapter,
+            json,
+            options: mlx_zoo::generate::GenerateOptions {
+                max_tokens,
+                sampling: mlx_zoo::generate::Sampling {
+                    temperature: temp,
+                    top_p,
+                    top_k,
+                    min_p,
+                    repetition_penalty,
+                    seed,
+                },
+                stop_tokens: stop_ids,
+                ..Default::default()
+            },
         }),
         Command::ConvertAdapter {
             adapter,

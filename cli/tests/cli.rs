@@ -263,3 +263,41 @@ fn fuse_and_convert_adapter_write_loadable_models_and_adapters() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no adapter found"));
 }
+
+#[test]
+fn generate_streams_greedy_tokens_and_reports_speed_as_json() {
+    let out = stdout(&zoo(&[
+        "generate",
+        fixture("llama-gqa").to_str().unwrap(),
+        "--prompt-ids",
+        "68,47,91,6,42,102",
+        "--max-tokens",
+        "10",
+        "--json",
+    ]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // transformers' greedy continuation (tests/fixtures/generation.safetensors).
+    assert_eq!(
+        json["generated_ids"],
+        serde_json::json!([61, 21, 31, 12, 107, 47, 44, 85, 125, 14])
+    );
+    assert_eq!(json["prompt_tokens"], 6);
+    assert!(json["generation_tokens_per_second"].as_f64().unwrap() > 0.0);
+    let plain = stdout(&zoo(&[
+        "generate",
+        fixture("llama-gqa").to_str().unwrap(),
+        "--prompt-ids",
+        "68,47,91,6,42,102",
+        "--max-tokens",
+        "3",
+    ]));
+    assert_eq!(plain.trim(), "61 21 31");
+    let bad = zoo(&[
+        "generate",
+        fixture("llama-gqa").to_str().unwrap(),
+        "--prompt-ids",
+        "1,999",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("outside the vocabulary"));
+}

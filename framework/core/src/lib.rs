@@ -25,6 +25,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod generate;
 pub mod loader;
 pub mod mapping;
 pub mod model;

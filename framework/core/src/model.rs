@@ -96,6 +96,13 @@ pub trait CausalLm: ModuleParameters + std::fmt::Debug {
         KvCache::new(self.dims().num_layers)
     }
 
+    /// The sequence length past which cached keys go stale (their rotation
+    /// depends on the total length, as with LongRoPE): a generator crossing
+    /// it recomputes the whole sequence without the cache.
+    fn cache_rebuild_after(&self) -> Option<usize> {
+        None
+    }
+
     /// Calls `visit` with the dotted path (as in parameter names, without
     /// `.weight`) and the layer of every [`Linear`](crate::nn::Linear) the
     /// model has, in a stable order. Quantizers and adapters work through it.

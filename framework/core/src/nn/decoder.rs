@@ -104,6 +104,7 @@ pub struct Decoder {
     #[param]
     pub lm_head: Option<Linear>,
     dims: ModelDims,
+    rebuild_after: Option<usize>,
 }
 
 impl Decoder {
@@ -174,6 +175,7 @@ impl Decoder {
                 Some(linear(dims.hidden_size, dims.vocab_size, false)?)
             },
             dims: dims.clone(),
+            rebuild_after: config.rope.rotation_changes_after(),
         })
     }
 }
@@ -213,6 +215,10 @@ impl CausalLm for Decoder {
 
     fn dims(&self) -> ModelDims {
         self.dims.clone()
+    }
+
+    fn cache_rebuild_after(&self) -> Option<usize> {
+        self.rebuild_after
     }
 
     fn visit_linears(&mut self, visit: &mut LinearVisitor<'_>) -> Result<()> {

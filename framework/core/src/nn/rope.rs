@@ -183,6 +183,13 @@ impl Rope {
         self.dims as usize
     }
 
+    /// The sequence length past which the rotation of earlier positions
+    /// changes (LongRoPE switches every position to its long factors), so a
+    /// KV cache filled below it must be rebuilt, as transformers does.
+    pub fn rotation_changes_after(&self) -> Option<usize> {
+        self.longrope.as_ref().map(|l| l.original)
+    }
+
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]` whose first
     /// position is `offset`.
     pub fn apply(&self, x: &Array, offset: i32) -> Result<Array> {
