@@ -147,3 +147,23 @@ fn qwen2_cached_decoding_matches_one_pass() {
 fn qwen_v1_cached_decoding_matches_one_pass() {
     assert_cached_parity("qwen-v1", 4);
 }
+
+#[test]
+fn sliding_window_cache_keeps_only_the_window() {
+    use mlx_rs::ops::indexing::IndexOp;
+    let reference = mlx_zoo_tests::reference("mistral-sliding");
+    let mut loaded = mlx_zoo_tests::load("mistral-sliding");
+    let mut cache = loaded.model.new_cache();
+    for t in 0..reference.shape[1] {
+        let token = reference.input_ids.index((.., t..t + 1));
+        loaded.model.forward(&token, Some(&mut cache)).unwrap();
+        for layer in cache.layers() {
+            assert!(
+                layer.stored() <= 3,
+                "window 4 keeps 3 past positions, found {}",
+                layer.stored()
+            );
+        }
+    }
+    assert_eq!(cache.offset(), reference.shape[1]);
+}

@@ -12,7 +12,7 @@
 use super::attention::{Attention, AttentionConfig};
 use super::layers::{rms_norm, RmsNorm};
 use super::linear::{embedding, linear, Embedding, Linear};
-use super::mask::causal_mask;
+use super::mask::causal_mask_stored;
 use super::mlp::{Activation, SwiGlu};
 use super::moe::SparseMoe;
 use super::rope::Rope;
@@ -186,17 +186,19 @@ impl CausalLm for Decoder {
         let queries = tokens.shape()[1] as usize;
         let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0) as usize;
         let mut h = self.model.embed_tokens.embed(tokens)?;
-        let mut masks: Vec<(Option<usize>, super::attention::AttentionMask)> = Vec::new();
+        let mut masks: Vec<((Option<usize>, usize), super::attention::AttentionMask)> = Vec::new();
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let mask = match masks.iter().find(|(w, _)| *w == layer.window) {
+            let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
+            let stored = layer_cache.as_ref().map(|c| c.stored()).unwrap_or(0);
+            let key = (layer.window, stored);
+            let mask = match masks.iter().find(|(k, _)| *k == key) {
                 Some((_, mask)) => mask.clone(),
                 None => {
-                    let mask = causal_mask(queries, offset, layer.window)?;
-                    masks.push((layer.window, mask.clone()));
+                    let mask = causal_mask_stored(queries, offset, stored, layer.window)?;
+                    masks.push((key, mask.clone()));
                     mask
                 }
             };
-            let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
             let normed = layer.input_layernorm.forward(&h).context(ctx)?;
             h += layer.self_attn.forward(&normed, &mask, layer_cache)?;
             let normed = layer.post_attention_layernorm.forward(&h).context(ctx)?;
@@ -219,6 +221,11 @@ impl CausalLm for Decoder {
 
     fn cache_rebuild_after(&self) -> Option<usize> {
         self.rebuild_after
+    }
+
+    fn new_cache(&self) -> KvCache {
+        let windows: Vec<Option<usize>> = self.model.layers.iter().map(|l| l.window).collect();
+        KvCache::with_windows(&windows)
     }
 
     fn visit_linears(&mut self, visit: &mut LinearVisitor<'_>) -> Result<()> {

@@ -7,20 +7,35 @@ use super::attention::AttentionMask;
 use crate::error::{MlxContext, Result};
 use mlx_rs::Array;
 
-/// The mask for `queries` new positions after `offset` cached ones.
+/// The mask for `queries` new positions after `offset` processed ones, of
+/// which the last `stored` are still cached (all of them unless a sliding
+/// window trimmed the cache).
 ///
 /// Without a window this is the causal mask (none for a single query); with
-/// one, it is a boolean `[queries, offset + queries]` mask once any query
+/// one, it is a boolean `[queries, stored + queries]` mask once any query
 /// could otherwise see past the window.
 pub fn causal_mask(queries: usize, offset: usize, window: Option<usize>) -> Result<AttentionMask> {
-    let keys = offset + queries;
+    causal_mask_stored(queries, offset, offset, window)
+}
+
+/// [`causal_mask`] for a cache holding only the last `stored` of the
+/// `offset` processed positions.
+pub fn causal_mask_stored(
+    queries: usize,
+    offset: usize,
+    stored: usize,
+    window: Option<usize>,
+) -> Result<AttentionMask> {
+    let keys = stored + queries;
+    let first_key = offset - stored;
     match window {
         Some(window) if keys > window => {
             let mut allowed = Vec::with_capacity(queries * keys);
             for q in 0..queries {
                 let position = offset + q;
                 for k in 0..keys {
-                    allowed.push(k <= position && k + window > position);
+                    let key = first_key + k;
+                    allowed.push(key <= position && key + window > position);
                 }
             }
             let mask = Array::from_slice(&allowed, &[queries as i32, keys as i32]);
@@ -62,6 +77,14 @@ mod tests {
         // One new query at position 5 with a window of 3 sees keys 3, 4, 5.
         let mask = allowed(causal_mask(1, 5, Some(3)).unwrap());
         assert_eq!(mask, [false, false, false, true, true, true]);
+    }
+
+    #[test]
+    fn trimmed_cache_keeps_the_window_in_absolute_positions() {
+        // 6 positions seen, the last 2 stored, window 3, 2 new queries
+        // (positions 6 and 7) over keys 4, 5, 6, 7.
+        let mask = allowed(causal_mask_stored(2, 6, 2, Some(3)).unwrap());
+        assert_eq!(mask, [true, true, true, false, false, true, true, true]);
     }
 
     #[test]

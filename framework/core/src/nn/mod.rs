@@ -20,7 +20,7 @@ pub use layers::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 pub use linear::{
     dequantize_rows, embedding, expert_linear, linear, set_dequantize_rows, Embedding, Linear,
 };
-pub use mask::causal_mask;
+pub use mask::{causal_mask, causal_mask_stored};
 pub use mlp::{Activation, GeluMlp, SwiGlu};
 pub use moe::{SparseMoe, SwitchGlu};
 pub use rope::{Rope, RopeScaling};
