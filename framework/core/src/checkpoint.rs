@@ -1,6 +1,8 @@
-//! Safetensors checkpoints: a single `model.safetensors`, a sharded one
-//! described by `model.safetensors.index.json`, or loose `model*.safetensors`
-//! files. Files are memory-mapped and their headers validated once; tensors
+//! Checkpoints: a single `model.safetensors`, a sharded one described by
+//! `model.safetensors.index.json`, loose `model*.safetensors` files, and,
+//! when no safetensors are present, PyTorch `pytorch_model*.bin` archives
+//! (with `pytorch_model.bin.index.json`; read without Python by a
+//! restricted pickle reader) or NumPy `.npz` archives. Files are memory-mapped and their headers validated once; tensors
 //! are then copied straight from the map into MLX and cast to the compute
 //! dtype, so no file is read twice.
 
@@ -17,9 +19,26 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
 
+/// The bytes of one file (memory-mapped) or of one decompressed archive
+/// entry.
+enum ShardData {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for ShardData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ShardData::Mapped(map) => map,
+            ShardData::Owned(bytes) => bytes,
+        }
+    }
+}
+
 struct Shard {
     path: PathBuf,
-    map: Mmap,
+    map: ShardData,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +75,10 @@ impl Checkpoint {
         if single.is_file() {
             return Self::open_files(&[single]);
         }
+        let torch_index = dir.join("pytorch_model.bin.index.json");
+        if torch_index.is_file() {
+            return Self::open_index(&torch_index);
+        }
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|source| Error::Io {
                 path: dir.to_path_buf(),
@@ -70,6 +93,24 @@ impl Checkpoint {
             })
             .collect();
         files.sort();
+        if files.is_empty() {
+            // PyTorch and NumPy archives, when no safetensors are present.
+            files = std::fs::read_dir(dir)
+                .map_err(|source| Error::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    (name.starts_with("pytorch_model") && name.ends_with(".bin"))
+                        || (name.ends_with(".npz")
+                            && (name.starts_with("model") || name.starts_with("weights")))
+                })
+                .collect();
+            files.sort();
+        }
         if files.is_empty() {
             return Err(Error::NoWeights {
                 dir: dir.to_path_buf(),
@@ -86,7 +127,7 @@ impl Checkpoint {
             tensors: BTreeMap::new(),
         };
         for path in files {
-            checkpoint.add_shard(path)?;
+            checkpoint.add_file(path)?;
         }
         Ok(checkpoint)
     }
@@ -138,7 +179,7 @@ impl Checkpoint {
                     dir.display()
                 )));
             }
-            checkpoint.add_shard(&path)?;
+            checkpoint.add_file(&path)?;
         }
         for (tensor, shard) in &wanted {
             match checkpoint.tensors.get(tensor) {
@@ -166,6 +207,15 @@ impl Checkpoint {
             )));
         }
         Ok(checkpoint)
+    }
+
+    /// Adds a weights file of any supported kind, by its extension.
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("bin") | Some("pt") | Some("pth") => self.add_torch_shard(path),
+            Some("npz") => self.add_npz_shard(path),
+            _ => self.add_shard(path),
+        }
     }
 
     fn add_shard(&mut self, path: &Path) -> Result<()> {
@@ -208,8 +258,176 @@ impl Checkpoint {
         drop(parsed);
         self.shards.push(Shard {
             path: path.to_path_buf(),
-            map,
+            map: ShardData::Mapped(map),
         });
+        Ok(())
+    }
+
+    fn insert(&mut self, name: String, location: Location, path: &Path) -> Result<()> {
+        if let Some(previous) = self.tensors.insert(name.clone(), location) {
+            return Err(Error::Archive {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor {name} is also in {}",
+                    self.shards[previous.shard].path.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds a PyTorch checkpoint (`torch.save` zip archive). Tensor data is
+    /// read in place from the archive; the pickle is read by the restricted
+    /// reader in [`crate::pickle`], which refuses anything but tensors.
+    fn add_torch_shard(&mut self, path: &Path) -> Result<()> {
+        let bad = |message: String| Error::Archive {
+            path: path.to_path_buf(),
+            message,
+        };
+        let file = File::open(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // Safety: as in add_shard.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut archive = zip::ZipArchive::new(std::io::Cursor::new(&map[..])).map_err(|e| {
+            bad(format!(
+                "not a PyTorch zip archive ({e}); legacy (pre-1.6) .bin files are not supported"
+            ))
+        })?;
+        let pickle_name = archive
+            .file_names()
+            .find(|n| n.ends_with("data.pkl"))
+            .map(str::to_owned)
+            .ok_or_else(|| bad("no data.pkl in the archive".into()))?;
+        let prefix = pickle_name.trim_end_matches("data.pkl").to_owned();
+        if let Ok(mut entry) = archive.by_name(&format!("{prefix}byteorder")) {
+            let mut order = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut order)
+                .map_err(|e| bad(e.to_string()))?;
+            if order.trim() != "little" {
+                return Err(bad(format!(
+                    "byte order {:?} is not supported",
+                    order.trim()
+                )));
+            }
+        }
+        let mut pickle = Vec::new();
+        std::io::Read::read_to_end(
+            &mut archive
+                .by_name(&pickle_name)
+                .map_err(|e| bad(e.to_string()))?,
+            &mut pickle,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        let tensors = crate::pickle::read_state_dict(&pickle, &path.display().to_string())?;
+        let shard = self.shards.len();
+        let mut locations = Vec::new();
+        for (name, tensor) in tensors {
+            let entry_name = format!("{prefix}data/{}", tensor.storage);
+            let entry = archive
+                .by_name(&entry_name)
+                .map_err(|_| bad(format!("tensor {name}: storage {entry_name} is missing")))?;
+            if entry.compression() != zip::CompressionMethod::Stored {
+                return Err(bad(format!(
+                    "tensor {name}: storage {entry_name} is compressed"
+                )));
+            }
+            let item = crate::export::dtype_size(&tensor.dtype).ok_or_else(|| {
+                bad(format!(
+                    "tensor {name}: dtype {} is not supported",
+                    tensor.dtype
+                ))
+            })?;
+            let mut expected = 1;
+            let mut contiguous = vec![0; tensor.shape.len()];
+            for i in (0..tensor.shape.len()).rev() {
+                contiguous[i] = expected;
+                expected *= tensor.shape[i];
+            }
+            if tensor.shape.iter().product::<usize>() > 1 && contiguous != tensor.stride {
+                return Err(bad(format!(
+                    "tensor {name} is a non-contiguous view (stride {:?}); save it with .contiguous()",
+                    tensor.stride
+                )));
+            }
+            let start = entry.data_start() as usize + tensor.offset * item;
+            let end = start + expected * item;
+            if end > entry.data_start() as usize + entry.size() as usize {
+                return Err(bad(format!(
+                    "tensor {name} runs past its storage {entry_name}"
+                )));
+            }
+            locations.push((
+                name,
+                Location {
+                    shard,
+                    start,
+                    end,
+                    meta: TensorMeta {
+                        shape: tensor.shape.iter().map(|&d| d as i64).collect(),
+                        dtype: tensor.dtype.clone(),
+                    },
+                },
+            ));
+        }
+        drop(archive);
+        self.shards.push(Shard {
+            path: path.to_path_buf(),
+            map: ShardData::Mapped(map),
+        });
+        for (name, location) in locations {
+            self.insert(name, location, path)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a NumPy `.npz` archive of `.npy` arrays (compressed or not).
+    fn add_npz_shard(&mut self, path: &Path) -> Result<()> {
+        let bad = |message: String| Error::Archive {
+            path: path.to_path_buf(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut archive = zip::ZipArchive::new(std::io::Cursor::new(&bytes[..]))
+            .map_err(|e| bad(format!("not an .npz archive: {e}")))?;
+        for index in 0..archive.len() {
+            let mut entry = archive.by_index(index).map_err(|e| bad(e.to_string()))?;
+            let Some(name) = entry.name().strip_suffix(".npy").map(str::to_owned) else {
+                continue;
+            };
+            let mut data = Vec::with_capacity(entry.size() as usize);
+            std::io::Read::read_to_end(&mut entry, &mut data)
+                .map_err(|e| bad(format!("{name}: {e}")))?;
+            let (header_len, dtype, shape) = crate::export::parse_npy_header(&data)
+                .map_err(|m| bad(format!("{name}.npy: {m}")))?;
+            let count: usize = shape.iter().product();
+            let item = crate::export::dtype_size(&dtype).unwrap_or(1);
+            if header_len + count * item > data.len() {
+                return Err(bad(format!("{name}.npy is truncated")));
+            }
+            let shard = self.shards.len();
+            self.shards.push(Shard {
+                path: path.to_path_buf(),
+                map: ShardData::Owned(data),
+            });
+            let location = Location {
+                shard,
+                start: header_len,
+                end: header_len + count * item,
+                meta: TensorMeta {
+                    shape: shape.iter().map(|&d| d as i64).collect(),
+                    dtype,
+                },
+            };
+            self.insert(name, location, path)?;
+        }
         Ok(())
     }
 
@@ -232,9 +450,22 @@ impl Checkpoint {
         self.read(name, &["U32", "I32", "F32", "F16", "BF16"])
     }
 
+    /// Whether `name` is stored as F64 (NumPy's default), which MLX's CPU
+    /// backend reads but `load` converts through.
+    fn is_f64(&self, name: &str) -> bool {
+        self.tensors
+            .get(name)
+            .is_some_and(|l| l.meta.dtype == "F64")
+    }
+
     /// Loads a floating-point tensor `name` into MLX, cast to `dtype`.
     pub fn load(&self, name: &str, dtype: Dtype) -> Result<Array> {
-        let array = self.read(name, &["F32", "F16", "BF16"])?;
+        let accepted: &[&str] = if self.is_f64(name) {
+            &["F64"]
+        } else {
+            &["F32", "F16", "BF16"]
+        };
+        let array = self.read(name, accepted)?;
         if array.dtype() == dtype {
             Ok(array)
         } else {
@@ -254,6 +485,8 @@ impl Checkpoint {
         let shard = &self.shards[location.shard];
         let stored = location.meta.dtype.as_str();
         let dtype = match stored {
+            "I64" => Dtype::Int64,
+            "F64" => Dtype::Float64,
             "U32" => Dtype::Uint32,
             "I32" => Dtype::Int32,
             "F32" => Dtype::Float32,

@@ -78,7 +78,7 @@ pub enum Error {
     },
 
     /// The model directory holds no weights this crate can read.
-    #[error("{dir}: no weights found: expected model.safetensors or model.safetensors.index.json (or *.safetensors)")]
+    #[error("{dir}: no weights found: expected model.safetensors, model.safetensors.index.json, model*.safetensors, pytorch_model*.bin or model*.npz")]
     NoWeights {
         /// The directory.
         dir: PathBuf,
@@ -87,6 +87,16 @@ pub enum Error {
     /// A safetensors file is malformed or truncated.
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A PyTorch or NumPy weights archive cannot be read (or asks for
+    /// something this crate refuses to do).
+    #[error("{path}: cannot read the weights: {message}")]
+    Archive {
         /// The file.
         path: PathBuf,
         /// What is wrong.

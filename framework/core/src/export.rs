@@ -166,3 +166,78 @@ pub fn save_mlx_model(
     }
     Ok(written)
 }
+
+/// Bytes per element of a dtype as safetensors spells it.
+pub fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" => 1,
+        _ => return None,
+    })
+}
+
+/// Parses a `.npy` header: its total length, the dtype (as safetensors
+/// spells it) and the shape. Only little-endian, C-ordered arrays are read.
+pub fn parse_npy_header(data: &[u8]) -> std::result::Result<(usize, String, Vec<usize>), String> {
+    if data.len() < 10 || &data[..6] != b"\x93NUMPY" {
+        return Err("not a .npy array".into());
+    }
+    let (header_len, start) = match data[6] {
+        1 => (u16::from_le_bytes([data[8], data[9]]) as usize, 10),
+        2 | 3 if data.len() >= 12 => (
+            u32::from_le_bytes([data[8], data[9], data[10], data[11]]) as usize,
+            12,
+        ),
+        v => return Err(format!("unsupported .npy version {v}")),
+    };
+    let header = std::str::from_utf8(
+        data.get(start..start + header_len)
+            .ok_or("truncated header")?,
+    )
+    .map_err(|_| "header is not text")?;
+    let field = |key: &str| -> Option<&str> {
+        let at = header.find(&format!("'{key}'"))?;
+        let rest = header[at + key.len() + 2..]
+            .trim_start()
+            .strip_prefix(':')?
+            .trim_start();
+        Some(rest)
+    };
+    let descr = field("descr")
+        .and_then(|r| r.strip_prefix('\''))
+        .and_then(|r| r.split('\'').next())
+        .ok_or("no descr")?;
+    let dtype = match descr {
+        "<f4" => "F32",
+        "<f2" => "F16",
+        "<f8" => "F64",
+        "<i8" => "I64",
+        "<i4" => "I32",
+        "|u1" => "U8",
+        "|b1" => "BOOL",
+        other => {
+            return Err(format!(
+                "dtype {other} is not supported (little-endian f2/f4/f8/i4/i8, u1, b1)"
+            ))
+        }
+    };
+    if field("fortran_order").is_some_and(|r| r.starts_with("True")) {
+        return Err("Fortran-ordered arrays are not supported".into());
+    }
+    let shape_text = field("shape")
+        .and_then(|r| r.strip_prefix('('))
+        .and_then(|r| r.split(')').next())
+        .ok_or("no shape")?;
+    let shape = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad shape entry {s:?}"))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((start + header_len, dtype.to_owned(), shape))
+}

@@ -31,6 +31,7 @@ pub mod mapping;
 pub mod model;
 pub mod module_pattern;
 pub mod nn;
+pub mod pickle;
 pub mod prequantized;
 pub mod quantize;
 pub mod registry;
