@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Load, inspect and run open LLMs on MLX.
+/// Load, inspect, quantize, adapt and run open LLMs on MLX.
+///
+/// Exit status: 0 success, 1 bad input (file, key, tensor or argument),
+/// 2 bad usage, 3 internal failure (MLX).
 #[derive(Parser, Debug)]
 #[command(name = "zoo", version, about, long_about = None)]
 struct Cli {
@@ -225,6 +228,23 @@ fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
+/// Exit status 1: the input was at fault (a file, a key, a tensor, an
+/// argument); 3: something failed inside (MLX, an I/O error writing
+/// output). Usage errors exit with 2 (clap).
+fn exit_code(error: &anyhow::Error) -> u8 {
+    let internal = error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<mlx_zoo::Error>(),
+            Some(mlx_zoo::Error::Mlx { .. })
+        )
+    });
+    if internal {
+        3
+    } else {
+        1
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
@@ -323,7 +343,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&error))
         }
     }
 }

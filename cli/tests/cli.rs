@@ -301,3 +301,13 @@ fn generate_streams_greedy_tokens_and_reports_speed_as_json() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("outside the vocabulary"));
 }
+
+#[test]
+fn exit_codes_tell_bad_input_from_bad_usage() {
+    assert_eq!(
+        zoo(&["inspect", "/nonexistent/model"]).status.code(),
+        Some(1)
+    );
+    assert_eq!(zoo(&["inspect"]).status.code(), Some(2));
+    assert_eq!(zoo(&["no-such-command"]).status.code(), Some(2));
+}
