@@ -116,13 +116,19 @@ fn load_error(model: &str, dir: &Path) -> String {
 
 const Q_B: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
 
+/// The error of loading `peft-lora-llama` onto llama-gqa after `edit`
+/// changed its tensors.
+fn broken_peft_error(edit: impl FnOnce(&mut mlx_zoo_tests::RawTensors)) -> String {
+    let tmp = copy_adapter("peft-lora-llama");
+    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), edit);
+    load_error("llama-gqa", tmp.path())
+}
+
 #[test]
 fn half_a_pair_is_named() {
-    let tmp = copy_adapter("peft-lora-llama");
-    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+    let err = broken_peft_error(|t| {
         t.remove(Q_B);
     });
-    let err = load_error("llama-gqa", tmp.path());
     assert!(
         err.contains("model.layers.0.self_attn.q_proj has only half of its adapter"),
         "{err}"
@@ -131,15 +137,13 @@ fn half_a_pair_is_named() {
 
 #[test]
 fn an_unknown_tensor_is_named() {
-    let tmp = copy_adapter("peft-lora-llama");
-    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+    let err = broken_peft_error(|t| {
         let b = t[Q_B].clone();
         t.insert(
             "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight".into(),
             b,
         );
     });
-    let err = load_error("llama-gqa", tmp.path());
     assert!(
         err.contains("lora_C.weight is not a LoRA/DoRA parameter"),
         "{err}"
@@ -148,8 +152,7 @@ fn an_unknown_tensor_is_named() {
 
 #[test]
 fn a_tensor_for_a_missing_module_is_named() {
-    let tmp = copy_adapter("peft-lora-llama");
-    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+    let err = broken_peft_error(|t| {
         for role in ["lora_A", "lora_B"] {
             let v = t[&format!("base_model.model.model.layers.0.self_attn.q_proj.{role}.weight")]
                 .clone();
@@ -159,7 +162,6 @@ fn a_tensor_for_a_missing_module_is_named() {
             );
         }
     });
-    let err = load_error("llama-gqa", tmp.path());
     assert!(
         err.contains("layers.7.self_attn.q_proj.lora_A.weight: maps to model.layers.7.self_attn.q_proj, which is not a linear layer"),
         "{err}"
@@ -168,12 +170,10 @@ fn a_tensor_for_a_missing_module_is_named() {
 
 #[test]
 fn all_zero_b_is_refused_as_a_no_op() {
-    let tmp = copy_adapter("peft-lora-llama");
-    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+    let err = broken_peft_error(|t| {
         let (dtype, shape, bytes) = t[Q_B].clone();
         t.insert(Q_B.into(), (dtype, shape, vec![0; bytes.len()]));
     });
-    let err = load_error("llama-gqa", tmp.path());
     assert!(err.contains("q_proj.lora_B.weight is all zeros"), "{err}");
 }
 
@@ -201,8 +201,7 @@ fn an_adapter_for_another_architecture_is_named() {
 
 #[test]
 fn a_shape_that_does_not_fit_is_named() {
-    let tmp = copy_adapter("peft-lora-llama");
-    mlx_zoo_tests::rewrite_safetensors(&tmp.path().join("adapter_model.safetensors"), |t| {
+    let err = broken_peft_error(|t| {
         let name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
         let (dtype, _, bytes) = t[name].clone();
         t.insert(
@@ -210,7 +209,6 @@ fn a_shape_that_does_not_fit_is_named() {
             (dtype, vec![4, 32], bytes[..bytes.len() / 2].to_vec()),
         );
     });
-    let err = load_error("llama-gqa", tmp.path());
     assert!(
         err.contains("q_proj.lora_A.weight: 32 inputs, but model.layers.0.self_attn.q_proj has 64"),
         "{err}"

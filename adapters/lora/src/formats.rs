@@ -494,13 +494,12 @@ pub fn save_adapter(
         .iter()
         .filter(|(_, (p, ..))| p["lora_a"].ndim() == 2)
         .map(|(path, (params, ..))| {
+            // A [out, 1] stand-in: only names and row counts go through.
             let rows = params["lora_b"].shape()[1];
-            (
-                format!("{path}.weight"),
-                mlx_rs::ops::zeros::<f32>(&[rows, 1]).unwrap_or_else(|_| Array::from_f32(0.0)),
-            )
+            let probe = mlx_rs::ops::zeros::<f32>(&[rows, 1]).context(ctx)?;
+            Ok((format!("{path}.weight"), probe))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let named = model.export_tensors(&probes).map_err(|e| {
         Error::InvalidArgument(format!(
             "{e}; an adapter on part of a fused checkpoint module needs adapters on all its parts"
