@@ -273,6 +273,9 @@ pub fn convert(args: &ConvertArgs) -> Result<()> {
 pub struct GenerateArgs {
     pub model: std::path::PathBuf,
     pub prompt_ids: Vec<u32>,
+    pub prompt: Option<String>,
+    pub tokenizer: Option<std::path::PathBuf>,
+    pub stop: Vec<String>,
     pub adapter: Option<std::path::PathBuf>,
     pub json: bool,
     pub options: mlx_zoo::generate::GenerateOptions,
@@ -287,32 +290,67 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         mlx_zoo::lora::formats::load_adapter(&mut loaded, dir)
             .with_context(|| format!("applying the adapter in {}", dir.display()))?;
     }
-    let mut generation = mlx_zoo::generate::generate(
-        loaded.model.as_mut(),
-        &args.prompt_ids,
-        args.options.clone(),
-    )
-    .context("processing the prompt")?;
+    // Text in means text out, through the model's tokenizer.
+    let tokenizer = if args.prompt.is_some() || !args.stop.is_empty() {
+        let dir = args.tokenizer.as_deref().unwrap_or(&args.model);
+        Some(mlx_zoo::tokenizer::Tokenizer::from_dir(dir)?)
+    } else {
+        None
+    };
+    let prompt_ids = match (&args.prompt, &tokenizer) {
+        (Some(text), Some(tokenizer)) => tokenizer.encode(text, true)?,
+        _ => args.prompt_ids.clone(),
+    };
+    let mut options = args.options.clone();
+    if let Some(tokenizer) = &tokenizer {
+        options.stop_tokens.extend_from_slice(tokenizer.eos_ids());
+    }
+    let mut generation = mlx_zoo::generate::generate(loaded.model.as_mut(), &prompt_ids, options)
+        .context("processing the prompt")?;
     let mut tokens = Vec::new();
+    let mut text = String::new();
     let mut out = std::io::stdout().lock();
     for token in generation.by_ref() {
         let token = token.context("generating")?;
-        if !args.json {
-            write!(out, "{token} ")?;
-            out.flush()?;
-        }
         tokens.push(token);
+        match &tokenizer {
+            Some(tokenizer) => {
+                let decoded = tokenizer.decode(&tokens)?;
+                let stop_at = args
+                    .stop
+                    .iter()
+                    .filter_map(|s| decoded.find(s.as_str()))
+                    .min();
+                let visible = &decoded[..stop_at.unwrap_or(decoded.len())];
+                if !args.json && visible.len() > text.len() && visible.starts_with(&text) {
+                    write!(out, "{}", &visible[text.len()..])?;
+                    out.flush()?;
+                }
+                text = visible.to_owned();
+                if stop_at.is_some() {
+                    break;
+                }
+            }
+            None if !args.json => {
+                write!(out, "{token} ")?;
+                out.flush()?;
+            }
+            None => {}
+        }
     }
     let stats = generation.stats().clone();
     if args.json {
-        let report = serde_json::json!({
-            "prompt_ids": args.prompt_ids,
+        let mut report = serde_json::json!({
+            "prompt_ids": prompt_ids,
             "generated_ids": tokens,
             "prompt_tokens": stats.prompt_tokens,
             "generated_tokens": stats.generated_tokens,
             "prompt_tokens_per_second": stats.prompt_tps(),
             "generation_tokens_per_second": stats.generation_tps(),
         });
+        if tokenizer.is_some() {
+            report["text"] = serde_json::Value::String(text);
+        }
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
         writeln!(out)?;

@@ -148,14 +148,29 @@ enum Command {
     /// Generate tokens after a prompt of token ids, streaming them as they
     /// come, greedy by default.
     ///
-    /// Examples: zoo generate ./TinyLlama --prompt-ids 1,15043,29892 --max-tokens 32
+    /// Examples: zoo generate ./TinyLlama --prompt "Once upon a time" --max-tokens 32
+    ///           zoo generate ./TinyLlama --prompt-ids 1,15043,29892 --max-tokens 32
     ///           zoo generate ./TinyLlama --prompt-ids 1,2,3 --temp 0.8 --top-p 0.95 --seed 7 --json
     Generate {
         /// A model directory.
         model: PathBuf,
         /// Prompt token ids, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "prompt",
+            conflicts_with = "prompt"
+        )]
         prompt_ids: Vec<u32>,
+        /// Prompt text (needs the model's tokenizer.json); output is text.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Read the tokenizer from this directory instead of MODEL.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Stop when the generated text contains this (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
         /// Most new tokens.
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
@@ -280,6 +295,9 @@ fn main() -> ExitCode {
         Command::Generate {
             model,
             prompt_ids,
+            prompt,
+            tokenizer,
+            stop,
             max_tokens,
             temp,
             top_p,
@@ -293,6 +311,9 @@ fn main() -> ExitCode {
         } => commands::generate(&commands::GenerateArgs {
             model,
             prompt_ids,
+            prompt,
+            tokenizer,
+            stop,
             adapter,
             json,
             options: mlx_zoo::generate::GenerateOptions {

@@ -311,3 +311,41 @@ fn exit_codes_tell_bad_input_from_bad_usage() {
     assert_eq!(zoo(&["inspect"]).status.code(), Some(2));
     assert_eq!(zoo(&["no-such-command"]).status.code(), Some(2));
 }
+
+#[test]
+fn generate_takes_text_and_stops_at_a_stop_string() {
+    let tokenizer =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/char-128");
+    let model = fixture("llama-gqa");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str::<serde_json::Value>(&stdout(&zoo(&args))).unwrap()
+    };
+    let full = run(&[]);
+    assert_eq!(
+        full["prompt_ids"],
+        serde_json::json!([1, 43, 72, 79, 79, 82])
+    );
+    let text = full["text"].as_str().unwrap().to_owned();
+    assert!(!text.is_empty(), "{full}");
+    // Stop at the third character of the full continuation.
+    let stop: String = text.chars().skip(2).take(1).collect();
+    let cut = run(&["--stop", &stop]);
+    let cut_text = cut["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(cut_text) && !cut_text.contains(&stop),
+        "{cut_text:?} vs {text:?}"
+    );
+    assert!(cut["generated_tokens"].as_u64().unwrap() < 12);
+}

@@ -36,6 +36,7 @@ pub mod prequantized;
 pub mod quantize;
 pub mod registry;
 pub mod runtime;
+pub mod tokenizer;
 
 pub use adapter::Adapter;
 pub use architecture::{Architecture, Detection, ModelConfig};

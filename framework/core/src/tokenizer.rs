@@ -1,0 +1,108 @@
+//! The model's tokenizer: Hugging Face `tokenizer.json` (read with the
+//! `tokenizers` crate) plus the special tokens `tokenizer_config.json`
+//! names, so text goes in and comes out and generation stops at the
+//! end-of-sequence token.
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// A loaded tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("path", &self.path)
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish()
+    }
+}
+
+fn special(config: &serde_json::Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => {
+            o.get("content").and_then(|c| c.as_str()).map(str::to_owned)
+        }
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Reads `tokenizer.json` (and `tokenizer_config.json`, when present)
+    /// from `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: no tokenizer.json; give token ids instead, or point at a directory with the model's tokenizer",
+                dir.display()
+            )));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Archive {
+            path: path.clone(),
+            message: format!("not a tokenizer this version reads: {e}"),
+        })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: serde_json::Value = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+                path: config_path.clone(),
+                source,
+            })?;
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: config_path.clone(),
+                source,
+            })?
+        } else {
+            serde_json::Value::Null
+        };
+        let id = |token: Option<String>| token.and_then(|t| inner.token_to_id(&t));
+        let bos = id(special(&config, "bos_token"));
+        let eos = id(special(&config, "eos_token")).into_iter().collect();
+        Ok(Self {
+            inner,
+            path,
+            bos,
+            eos,
+        })
+    }
+
+    /// Token ids of `text`, with the beginning-of-sequence token in front
+    /// when the tokenizer has one and `add_bos`.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "{}: cannot encode the prompt: {e}",
+                self.path.display()
+            ))
+        })?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "{}: cannot decode tokens: {e}",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// The end-of-sequence token ids.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+}
