@@ -274,6 +274,8 @@ pub struct GenerateArgs {
     pub model: std::path::PathBuf,
     pub prompt_ids: Vec<u32>,
     pub prompt: Option<String>,
+    pub chat: Option<String>,
+    pub system: Option<String>,
     pub tokenizer: Option<std::path::PathBuf>,
     pub stop: Vec<String>,
     pub adapter: Option<std::path::PathBuf>,
@@ -291,14 +293,30 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             .with_context(|| format!("applying the adapter in {}", dir.display()))?;
     }
     // Text in means text out, through the model's tokenizer.
-    let tokenizer = if args.prompt.is_some() || !args.stop.is_empty() {
+    let tokenizer = if args.prompt.is_some() || args.chat.is_some() || !args.stop.is_empty() {
         let dir = args.tokenizer.as_deref().unwrap_or(&args.model);
         Some(mlx_zoo::tokenizer::Tokenizer::from_dir(dir)?)
     } else {
         None
     };
-    let prompt_ids = match (&args.prompt, &tokenizer) {
-        (Some(text), Some(tokenizer)) => tokenizer.encode(text, true)?,
+    let prompt_ids = match (&args.prompt, &args.chat, &tokenizer) {
+        (Some(text), _, Some(tokenizer)) => tokenizer.encode(text, true)?,
+        (_, Some(user), Some(tokenizer)) => {
+            use mlx_zoo::tokenizer::ChatMessage;
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(ChatMessage {
+                    role: "system".into(),
+                    content: system.clone(),
+                });
+            }
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: user.clone(),
+            });
+            // The template writes the special tokens itself.
+            tokenizer.encode(&tokenizer.apply_chat_template(&messages, true)?, false)?
+        }
         _ => args.prompt_ids.clone(),
     };
     let mut options = args.options.clone();

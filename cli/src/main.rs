@@ -149,6 +149,7 @@ enum Command {
     /// come, greedy by default.
     ///
     /// Examples: zoo generate ./TinyLlama --prompt "Once upon a time" --max-tokens 32
+    ///           zoo generate ./TinyLlama --chat "What is MLX?" --system "Be brief." --stop "USER:"
     ///           zoo generate ./TinyLlama --prompt-ids 1,15043,29892 --max-tokens 32
     ///           zoo generate ./TinyLlama --prompt-ids 1,2,3 --temp 0.8 --top-p 0.95 --seed 7 --json
     Generate {
@@ -158,13 +159,19 @@ enum Command {
         #[arg(
             long,
             value_delimiter = ',',
-            required_unless_present = "prompt",
-            conflicts_with = "prompt"
+            required_unless_present_any = ["prompt", "chat"],
+            conflicts_with_all = ["prompt", "chat"]
         )]
         prompt_ids: Vec<u32>,
         /// Prompt text (needs the model's tokenizer.json); output is text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "chat")]
         prompt: Option<String>,
+        /// A user message, rendered with the tokenizer's chat template.
+        #[arg(long)]
+        chat: Option<String>,
+        /// A system message to put before --chat.
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
         /// Read the tokenizer from this directory instead of MODEL.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
@@ -296,6 +303,8 @@ fn main() -> ExitCode {
             model,
             prompt_ids,
             prompt,
+            chat,
+            system,
             tokenizer,
             stop,
             max_tokens,
@@ -312,6 +321,8 @@ fn main() -> ExitCode {
             model,
             prompt_ids,
             prompt,
+            chat,
+            system,
             tokenizer,
             stop,
             adapter,

@@ -349,3 +349,36 @@ fn generate_takes_text_and_stops_at_a_stop_string() {
     );
     assert!(cut["generated_tokens"].as_u64().unwrap() < 12);
 }
+
+#[test]
+fn generate_renders_the_chat_template() {
+    let tokenizer =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/char-128");
+    let out = stdout(&zoo(&[
+        "generate",
+        fixture("llama-gqa").to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--system",
+        "Be brief. ",
+        "--chat",
+        "Hi zoo!",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // "<s>SYSTEM: Be brief.\nUSER: Hi zoo!\nASSISTANT:" as transformers renders it, tokenized.
+    let ids: Vec<u64> = json["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let expected = mlx_zoo::tokenizer::Tokenizer::from_dir(&tokenizer)
+        .unwrap()
+        .encode("<s>SYSTEM: Be brief.\nUSER: Hi zoo!\nASSISTANT:", false)
+        .unwrap();
+    assert_eq!(ids[0], 1, "bos from the template");
+    assert_eq!(ids, expected.iter().map(|&t| t as u64).collect::<Vec<_>>());
+}

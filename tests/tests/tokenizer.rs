@@ -30,3 +30,24 @@ fn a_directory_without_a_tokenizer_says_so() {
         .to_string();
     assert!(err.contains("no tokenizer.json"), "{err}");
 }
+
+#[test]
+fn chat_template_renders_like_transformers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer/char-128");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("chat_expected.json")).unwrap())
+            .unwrap();
+    let messages: Vec<mlx_zoo::tokenizer::ChatMessage> =
+        serde_json::from_value(expected["messages"].clone()).unwrap();
+    let rendered = tokenizer().apply_chat_template(&messages, true).unwrap();
+    assert_eq!(rendered, expected["rendered"].as_str().unwrap());
+    let odd = vec![mlx_zoo::tokenizer::ChatMessage {
+        role: "robot".into(),
+        content: "beep".into(),
+    }];
+    let err = tokenizer()
+        .apply_chat_template(&odd, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown role robot"), "{err}");
+}

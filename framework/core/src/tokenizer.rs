@@ -6,12 +6,24 @@
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
 /// A loaded tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
     bos: Option<u32>,
     eos: Vec<u32>,
+    bos_text: String,
+    eos_text: String,
+    chat_template: Option<String>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -66,11 +78,25 @@ impl Tokenizer {
         let id = |token: Option<String>| token.and_then(|t| inner.token_to_id(&t));
         let bos = id(special(&config, "bos_token"));
         let eos = id(special(&config, "eos_token")).into_iter().collect();
+        let chat_template = match config.get("chat_template") {
+            Some(serde_json::Value::String(t)) => Some(t.clone()),
+            // A list of named templates: take "default".
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .find(|i| i.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|i| i.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_owned),
+            _ => None,
+        };
         Ok(Self {
             inner,
             path,
             bos,
             eos,
+            bos_text: special(&config, "bos_token").unwrap_or_default(),
+            eos_text: special(&config, "eos_token").unwrap_or_default(),
+            chat_template,
         })
     }
 
@@ -99,6 +125,47 @@ impl Tokenizer {
                 self.path.display()
             ))
         })
+    }
+
+    /// Renders `messages` with the tokenizer's chat template (Jinja, with
+    /// transformers' settings: trimmed blocks, `bos_token`, `eos_token`,
+    /// `raise_exception`, `add_generation_prompt`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{}: tokenizer_config.json has no chat_template",
+                self.path.display()
+            ))
+        })?;
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        let bad = |e: minijinja::Error| {
+            Error::InvalidArgument(format!("{}: chat template: {e}", self.path.display()))
+        };
+        env.add_template("chat", template).map_err(bad)?;
+        env.get_template("chat")
+            .map_err(bad)?
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_text,
+                eos_token => self.eos_text,
+            })
+            .map_err(bad)
     }
 
     /// The end-of-sequence token ids.
