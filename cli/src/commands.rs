@@ -32,7 +32,8 @@ pub fn archs(json: bool) -> Result<()> {
     Ok(())
 }
 
-fn bytes(n: usize) -> String {
+/// `n` bytes in binary units (B, KiB, MiB, ...).
+pub fn bytes(n: usize) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
     let mut unit = 0;

@@ -1,10 +1,13 @@
 //! `zoo`: the mlx-zoo command line. Lists the registered architectures,
 //! shows the MLX runtime, inspects a Hugging Face checkpoint (which
-//! architecture claims it and why, its config, its weight mapping), computes
-//! logits, and runs a demo on a bundled tiny model.
+//! architecture claims it and why, its config, its weight mapping), converts,
+//! quantizes, fuses adapters, generates, computes logits, and runs a demo on
+//! a bundled tiny model. MODEL and adapter arguments may be Hugging Face repo
+//! ids, fetched into the hub cache first.
 
 mod commands;
 mod npy;
+mod sources;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -12,8 +15,14 @@ use std::process::ExitCode;
 
 /// Load, inspect, quantize, adapt and run open LLMs on MLX.
 ///
-/// Exit status: 0 success, 1 bad input (file, key, tensor or argument),
-/// 2 bad usage, 3 internal failure (MLX).
+/// MODEL (and --adapter, --tokenizer) is a local directory or a Hugging Face
+/// repo id (org/name, or org/name@revision), fetched into the hub cache ($HF_HOME/hub)
+/// with only the files a model needs. HF_ENDPOINT selects a mirror, HF_TOKEN
+/// authenticates (gated and private repositories), HF_HUB_OFFLINE=1 uses the
+/// cache only.
+///
+/// Exit status: 0 success, 1 bad input (file, key, tensor, argument, or a
+/// download), 2 bad usage, 3 internal failure (MLX).
 #[derive(Parser, Debug)]
 #[command(name = "zoo", version, about, long_about = None)]
 struct Cli {
@@ -59,7 +68,7 @@ enum Command {
     ///
     /// Example: zoo inspect ./TinyLlama --json
     Inspect {
-        /// A model directory (config.json + safetensors).
+        /// A model directory (config.json + weights) or a repo id (org/name@revision).
         model: PathBuf,
         /// Print JSON.
         #[arg(long)]
@@ -75,7 +84,7 @@ enum Command {
     ///           zoo convert ./TinyLlama --out ./tiny-mixed --q-recipe mixed-4-6
     ///           zoo convert ./TinyLlama --out ./tiny-plan --q-plan plan.json --dtype f16
     Convert {
-        /// A model directory (config.json + safetensors).
+        /// A model directory (config.json + weights) or a repo id (org/name@revision).
         model: PathBuf,
         /// The output directory.
         #[arg(long)]
@@ -109,9 +118,9 @@ enum Command {
     ///           zoo fuse ./tiny-q4 --adapter ./my-qlora --out ./fused-f16 --dequantize --dtype f16
     ///           zoo fuse ./TinyLlama --adapter ./my-lora --out ./fused-hf --hf
     Fuse {
-        /// A model directory.
+        /// A model directory or a repo id (org/name@revision).
         model: PathBuf,
-        /// The adapter directory.
+        /// The adapter directory or a repo id (org/name@revision).
         #[arg(long)]
         adapter: PathBuf,
         /// The output directory.
@@ -133,9 +142,9 @@ enum Command {
     ///
     /// Example: zoo convert-adapter ./my-mlx-lora --model ./TinyLlama --to peft --out ./my-peft-lora
     ConvertAdapter {
-        /// The adapter directory.
+        /// The adapter directory or a repo id (org/name@revision).
         adapter: PathBuf,
-        /// The base model directory.
+        /// The base model directory or a repo id (org/name@revision).
         #[arg(long)]
         model: PathBuf,
         /// The output directory.
@@ -152,8 +161,9 @@ enum Command {
     ///           zoo generate ./TinyLlama --chat "What is MLX?" --system "Be brief." --stop "USER:"
     ///           zoo generate ./TinyLlama --prompt-ids 1,15043,29892 --max-tokens 32
     ///           zoo generate ./TinyLlama --prompt-ids 1,2,3 --temp 0.8 --top-p 0.95 --seed 7 --json
+    ///           zoo generate mlx-community/Qwen2-0.5B-Instruct-4bit --chat "Hi" --kv-bits 8
     Generate {
-        /// A model directory.
+        /// A model directory or a repo id (org/name@revision).
         model: PathBuf,
         /// Prompt token ids, comma-separated.
         #[arg(
@@ -202,6 +212,14 @@ enum Command {
         /// Stop at any of these token ids.
         #[arg(long, value_delimiter = ',')]
         stop_ids: Vec<u32>,
+        /// Store the KV cache quantized to this many bits (2-8), as
+        /// mlx-lm's --kv-bits: about a quarter of the memory at 8 bits.
+        #[arg(long)]
+        kv_bits: Option<u8>,
+        /// Group size of the quantized KV cache (32, 64, 128; must divide
+        /// the head dimension).
+        #[arg(long, default_value_t = 64, requires = "kv_bits")]
+        kv_group_size: usize,
         /// Apply this adapter (PEFT or mlx-lm).
         #[arg(long)]
         adapter: Option<PathBuf>,
@@ -214,7 +232,7 @@ enum Command {
     ///
     /// Example: zoo logits ./TinyLlama --tokens ids.json --out logits.npy
     Logits {
-        /// A model directory (config.json + safetensors).
+        /// A model directory (config.json + weights) or a repo id (org/name@revision).
         model: PathBuf,
         /// A JSON array of equal-length arrays of token ids.
         #[arg(long)]
@@ -267,10 +285,46 @@ fn exit_code(error: &anyhow::Error) -> u8 {
     }
 }
 
+/// Replaces repo ids among the command's model, adapter and tokenizer
+/// arguments by their hub snapshot directories.
+fn fetch_sources(command: &mut Command, quiet: bool) -> anyhow::Result<()> {
+    use sources::{local_dir, local_dir_opt};
+    match command {
+        Command::Demo { model } => local_dir_opt(model, quiet)?,
+        Command::Inspect { model, .. } | Command::Convert { model, .. } => {
+            *model = local_dir(model, quiet)?
+        }
+        Command::Fuse { model, adapter, .. } | Command::ConvertAdapter { adapter, model, .. } => {
+            *model = local_dir(model, quiet)?;
+            *adapter = local_dir(adapter, quiet)?;
+        }
+        Command::Generate {
+            model,
+            adapter,
+            tokenizer,
+            ..
+        } => {
+            *model = local_dir(model, quiet)?;
+            local_dir_opt(adapter, quiet)?;
+            local_dir_opt(tokenizer, quiet)?;
+        }
+        Command::Logits { model, adapter, .. } => {
+            *model = local_dir(model, quiet)?;
+            local_dir_opt(adapter, quiet)?;
+        }
+        Command::Archs { .. } | Command::Info { .. } => {}
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     mlx_zoo::runtime::warn_if_slow_blas();
+    if let Err(error) = fetch_sources(&mut cli.command, cli.quiet) {
+        eprintln!("error: {error:#}");
+        return ExitCode::from(exit_code(&error));
+    }
     let result = match cli.command {
         Command::Demo { model } => commands::demo(model.as_deref()),
         Command::Archs { json } => commands::archs(json),
@@ -315,6 +369,8 @@ fn main() -> ExitCode {
             repetition_penalty,
             seed,
             stop_ids,
+            kv_bits,
+            kv_group_size,
             adapter,
             json,
         } => commands::generate(&commands::GenerateArgs {
@@ -338,6 +394,10 @@ fn main() -> ExitCode {
                     seed,
                 },
                 stop_tokens: stop_ids,
+                kv_quantization: kv_bits.map(|bits| mlx_zoo::quantize::QuantSettings {
+                    bits,
+                    group_size: kv_group_size,
+                }),
                 ..Default::default()
             },
         }),

@@ -382,3 +382,68 @@ fn generate_renders_the_chat_template() {
     assert_eq!(ids[0], 1, "bos from the template");
     assert_eq!(ids, expected.iter().map(|&t| t as u64).collect::<Vec<_>>());
 }
+
+/// `zoo` with the hub environment pointing at a loopback server.
+fn zoo_hub(args: &[&str], endpoint: &str, home: &Path, offline: bool) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_zoo"));
+    command
+        .args(args)
+        .env_remove("ZOO_LOG")
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HOME", home);
+    if offline {
+        command.env("HF_HUB_OFFLINE", "1");
+    } else {
+        command.env_remove("HF_HUB_OFFLINE");
+    }
+    command.output().expect("running zoo")
+}
+
+#[test]
+fn model_arguments_may_be_hub_repo_ids() {
+    use mlx_zoo_tests::hub_server::{HubServer, ServedRepo};
+    let home = tempfile::tempdir().unwrap();
+    let server = HubServer::start(vec![ServedRepo::from_dir(
+        "zoo-test/tiny-llama",
+        &fixture("llama-sharded"),
+    )]);
+    let endpoint = server.endpoint.clone();
+    let fetched = zoo_hub(
+        &["inspect", "zoo-test/tiny-llama"],
+        &endpoint,
+        home.path(),
+        false,
+    );
+    let out = stdout(&fetched);
+    let stderr = String::from_utf8_lossy(&fetched.stderr);
+    assert!(out.contains("architecture  llama"), "{out}");
+    assert!(
+        stderr.contains("zoo-test/tiny-llama: commit") && stderr.contains("downloaded"),
+        "{stderr}"
+    );
+    assert!(home
+        .path()
+        .join("hub/models--zoo-test--tiny-llama/refs/main")
+        .is_file());
+
+    drop(server);
+    let offline = zoo_hub(
+        &["inspect", "zoo-test/tiny-llama@main"],
+        &endpoint,
+        home.path(),
+        true,
+    );
+    assert!(stdout(&offline).contains("architecture  llama"));
+    assert!(String::from_utf8_lossy(&offline.stderr).contains("from the cache (offline)"));
+
+    let missing = zoo_hub(&["inspect", "zoo-test/other"], &endpoint, home.path(), true);
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("zoo-test/other@main is not in the cache")
+            && stderr.contains("HF_HUB_OFFLINE"),
+        "{stderr}"
+    );
+}

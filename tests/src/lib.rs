@@ -6,6 +6,8 @@
 
 #![warn(missing_docs)]
 
+pub mod hub_server;
+
 use mlx_rs::Array;
 use mlx_zoo::loader::{self, LoadOptions, LoadedModel};
 use std::path::{Path, PathBuf};

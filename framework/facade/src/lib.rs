@@ -13,6 +13,8 @@ pub use mlx_zoo_core::*;
 
 /// MLX's affine group-wise quantizer.
 pub use mlx_zoo_affine as affine;
+/// The Hugging Face hub client: repo ids to cached local directories.
+pub use mlx_zoo_hub as hub;
 /// The LLaMA family.
 pub use mlx_zoo_llama as llama;
 /// LoRA and DoRA adapters.
