@@ -146,3 +146,208 @@ fn stop_tokens_end_generation_and_bad_prompts_are_refused() {
     let err = generate(loaded.model.as_mut(), &[], GenerateOptions::default()).unwrap_err();
     assert!(err.to_string().contains("no tokens"), "{err}");
 }
+
+/// A random llama whose heads are 32 wide (the fixtures' are 16, below
+/// MLX's smallest quantization group), saved in `dir`.
+fn random_llama(dir: &std::path::Path, sliding_window: Option<usize>) {
+    let (hidden, heads, kv_heads, head_dim, inter, vocab, layers) = (64, 2, 1, 32, 96, 64, 2);
+    let model_type = if sliding_window.is_some() {
+        "mistral"
+    } else {
+        "llama"
+    };
+    let config = serde_json::json!({
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": false,
+        "sliding_window": sliding_window,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut next = 0;
+    let mut random = |shape: &[i32], scale: f32| {
+        next += 1;
+        let key = mlx_rs::random::key(next).unwrap();
+        mlx_rs::random::normal::<f32>(shape, 0.0, scale, &key).unwrap()
+    };
+    let mut tensors = std::collections::BTreeMap::new();
+    tensors.insert(
+        "model.embed_tokens.weight".to_string(),
+        random(&[vocab, hidden], 1.0),
+    );
+    tensors.insert("lm_head.weight".to_string(), random(&[vocab, hidden], 0.2));
+    tensors.insert(
+        "model.norm.weight".to_string(),
+        mlx_rs::ops::ones::<f32>(&[hidden]).unwrap(),
+    );
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [heads * head_dim, hidden]),
+            ("self_attn.k_proj", [kv_heads * head_dim, hidden]),
+            ("self_attn.v_proj", [kv_heads * head_dim, hidden]),
+            ("self_attn.o_proj", [hidden, heads * head_dim]),
+            ("mlp.gate_proj", [inter, hidden]),
+            ("mlp.up_proj", [inter, hidden]),
+            ("mlp.down_proj", [hidden, inter]),
+        ] {
+            tensors.insert(format!("{p}.{name}.weight"), random(&shape, 0.15));
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            tensors.insert(
+                format!("{p}.{norm}.weight"),
+                mlx_rs::ops::ones::<f32>(&[hidden]).unwrap(),
+            );
+        }
+    }
+    mlx_rs::Array::save_safetensors(tensors, None, dir.join("model.safetensors")).unwrap();
+}
+
+/// Logits of every step decoding `ids` one token at a time with `cache`.
+fn stepwise_logits(
+    model: &mut dyn mlx_zoo::CausalLm,
+    cache: &mut mlx_zoo::KvCache,
+    ids: &[i32],
+) -> Vec<Vec<f32>> {
+    ids.iter()
+        .map(|&id| {
+            let input = mlx_rs::Array::from_slice(&[id], &[1, 1]);
+            let logits = model.forward(&input, Some(cache)).unwrap();
+            logits.as_slice::<f32>().to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn a_quantized_kv_cache_tracks_the_float_cache_in_a_quarter_of_the_memory() {
+    use mlx_zoo::quantize::QuantSettings;
+    let dir = tempfile::tempdir().unwrap();
+    random_llama(dir.path(), None);
+    let registry = mlx_zoo::registry().unwrap();
+    let mut loaded = mlx_zoo::loader::load(&registry, dir.path(), &Default::default()).unwrap();
+    let model = loaded.model.as_mut();
+    let ids: Vec<i32> = (0..48).map(|i| (i * 37 + 5) % 64).collect();
+    let mut float_cache = model.new_cache();
+    let float = stepwise_logits(model, &mut float_cache, &ids);
+    let scale = float.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let argmax = |row: &[f32]| (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b]));
+    let mut errors = Vec::new();
+    // Measured: 8 bits 1.2% of the largest logit, 4 bits 17%.
+    for (bits, tolerance) in [(8, 0.02), (4, 0.25)] {
+        let settings = QuantSettings {
+            bits,
+            group_size: 32,
+        };
+        let mut cache = model.new_cache();
+        cache.set_quantized(settings).unwrap();
+        let quantized = stepwise_logits(model, &mut cache, &ids);
+        let worst = float
+            .iter()
+            .zip(&quantized)
+            .map(|(a, b)| max_abs_diff(a, b))
+            .fold(0f32, f32::max);
+        assert!(
+            worst / scale < tolerance,
+            "{bits} bits: max diff {worst} against logits up to {scale}"
+        );
+        assert!(worst > 0.0, "{bits} bits: the cache was not quantized");
+        errors.push(worst);
+        if bits == 8 {
+            let same = float
+                .iter()
+                .zip(&quantized)
+                .filter(|(a, b)| argmax(a) == argmax(b))
+                .count();
+            assert!(
+                same * 10 >= ids.len() * 9,
+                "8 bits: the greedy choice changed at {} of {} steps",
+                ids.len() - same,
+                ids.len()
+            );
+        }
+        // Per position and head: 32 values as `bits`-bit codes plus one f32
+        // scale and bias, against 32 f32.
+        let expected = (32 * bits as usize / 8 + 8) as f64 / (32 * 4) as f64;
+        let ratio = cache.nbytes() as f64 / float_cache.nbytes() as f64;
+        assert!(
+            (ratio - expected).abs() < 1e-9,
+            "{bits} bits: {ratio} of the float cache's bytes, expected {expected}"
+        );
+    }
+    assert!(
+        errors[1] > 4.0 * errors[0],
+        "4 bits should err well above 8 bits: {errors:?}"
+    );
+    // Generation takes the option; a group wider than the heads is refused.
+    let options = GenerateOptions {
+        max_tokens: 8,
+        kv_quantization: Some(QuantSettings {
+            bits: 8,
+            group_size: 32,
+        }),
+        ..Default::default()
+    };
+    let tokens: Vec<u32> = generate(model, &[1, 2, 3], options)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(tokens.len(), 8);
+    let options = GenerateOptions {
+        kv_quantization: Some(QuantSettings {
+            bits: 8,
+            group_size: 64,
+        }),
+        ..Default::default()
+    };
+    let Err(error) = generate(model, &[1, 2, 3], options) else {
+        panic!("group 64 on 32-wide heads was accepted");
+    };
+    let error = error.to_string();
+    assert!(
+        error.contains("head dimension 32") && error.contains("groups of 64"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_quantized_sliding_window_cache_stays_bounded() {
+    use mlx_zoo::quantize::QuantSettings;
+    let dir = tempfile::tempdir().unwrap();
+    random_llama(dir.path(), Some(8));
+    let registry = mlx_zoo::registry().unwrap();
+    let mut loaded = mlx_zoo::loader::load(&registry, dir.path(), &Default::default()).unwrap();
+    let model = loaded.model.as_mut();
+    let ids: Vec<i32> = (0..40).map(|i| (i * 11 + 3) % 64).collect();
+    let mut float_cache = model.new_cache();
+    let float = stepwise_logits(model, &mut float_cache, &ids);
+    let mut cache = model.new_cache();
+    cache
+        .set_quantized(QuantSettings {
+            bits: 8,
+            group_size: 32,
+        })
+        .unwrap();
+    let quantized = stepwise_logits(model, &mut cache, &ids);
+    assert!(
+        cache.layers().iter().all(|l| l.stored() == 7),
+        "window 8 keeps 7 past positions"
+    );
+    let scale = float.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = float
+        .iter()
+        .zip(&quantized)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0f32, f32::max);
+    assert!(
+        worst / scale < 0.01,
+        "max diff {worst} against logits up to {scale}"
+    );
+}

@@ -3,20 +3,99 @@
 //! holding keys and values as `[batch, kv_heads, seq, dim]`. A layer with a
 //! sliding attention window keeps only the `window - 1` most recent
 //! positions (all a later query can see besides itself), so its memory stays
-//! bounded however long the generation runs.
+//! bounded however long the generation runs. Keys and values may be stored
+//! affine-quantized (MLX's group-wise format, as mlx-lm's `--kv-bits`),
+//! cutting the cache's memory to about a quarter at 8 bits; they are
+//! de-quantized for each step's attention.
 
 use crate::error::{MlxContext, Result};
+use crate::quantize::QuantSettings;
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::Array;
+
+/// Keys or values of one layer, as stored.
+#[derive(Debug, Clone)]
+enum Stored {
+    /// Plain arrays.
+    Float(Array),
+    /// Affine-quantized: packed codes, scales, biases.
+    Quantized(Array, Array, Array),
+}
+
+impl Stored {
+    fn quantize(array: &Array, settings: QuantSettings) -> Result<Self> {
+        let (codes, scales, biases) =
+            mlx_rs::ops::quantize(array, settings.group_size as i32, settings.bits as i32)
+                .context(|| "quantizing the KV cache".into())?;
+        Ok(Stored::Quantized(codes, scales, biases))
+    }
+
+    fn seq_len(&self) -> i32 {
+        match self {
+            Stored::Float(a) | Stored::Quantized(a, _, _) => a.shape()[2],
+        }
+    }
+
+    fn nbytes(&self) -> usize {
+        match self {
+            Stored::Float(a) => a.nbytes(),
+            Stored::Quantized(a, s, b) => a.nbytes() + s.nbytes() + b.nbytes(),
+        }
+    }
+
+    fn append(self, new: Stored) -> Result<Stored> {
+        let cat = |a: Array, b: Array| {
+            mlx_rs::ops::concatenate(&[a, b], 2).context(|| "extending the KV cache".into())
+        };
+        Ok(match (self, new) {
+            (Stored::Float(a), Stored::Float(b)) => Stored::Float(cat(a, b)?),
+            (Stored::Quantized(a, s, b), Stored::Quantized(na, ns, nb)) => {
+                Stored::Quantized(cat(a, na)?, cat(s, ns)?, cat(b, nb)?)
+            }
+            _ => {
+                return Err(crate::error::Error::InvalidArgument(
+                    "a KV cache layer cannot mix float and quantized storage".into(),
+                ))
+            }
+        })
+    }
+
+    /// Only positions `start..`.
+    fn tail(&self, start: i32) -> Stored {
+        let cut = |a: &Array| a.index((.., .., start.., ..));
+        match self {
+            Stored::Float(a) => Stored::Float(cut(a)),
+            Stored::Quantized(a, s, b) => Stored::Quantized(cut(a), cut(s), cut(b)),
+        }
+    }
+
+    /// The stored positions as floats of `dtype`.
+    fn to_float(&self, settings: Option<QuantSettings>, dtype: mlx_rs::Dtype) -> Result<Array> {
+        match (self, settings) {
+            (Stored::Float(a), _) => Ok(a.clone()),
+            (Stored::Quantized(a, s, b), Some(q)) => {
+                mlx_rs::ops::dequantize(a, s, b, q.group_size as i32, q.bits as i32)
+                    .and_then(|x| x.as_dtype(dtype))
+                    .context(|| "de-quantizing the KV cache".into())
+            }
+            (Stored::Quantized(..), None) => Err(crate::error::Error::InvalidArgument(
+                "quantized KV cache without settings".into(),
+            )),
+        }
+    }
+}
 
 /// The cache of one attention layer.
 #[derive(Debug, Clone, Default)]
 pub struct LayerKv {
-    keys: Option<Array>,
-    values: Option<Array>,
+    keys: Option<Stored>,
+    values: Option<Stored>,
     /// Positions processed so far (what rotary embeddings count from).
     seen: i32,
     /// Keep at most this many positions (sliding-window layers).
     keep: Option<usize>,
+    /// Store keys and values affine-quantized with these settings.
+    quantized: Option<QuantSettings>,
 }
 
 impl LayerKv {
@@ -33,6 +112,26 @@ impl LayerKv {
         }
     }
 
+    /// Stores keys and values quantized with `settings` from now on.
+    ///
+    /// Fails when the settings are not MLX's (bits 2-8, groups 32/64/128) or
+    /// positions are already stored in float.
+    pub fn set_quantized(&mut self, settings: QuantSettings) -> Result<()> {
+        settings.check()?;
+        if self.keys.is_some() {
+            return Err(crate::error::Error::InvalidArgument(
+                "the KV cache can only be quantized before its first step".into(),
+            ));
+        }
+        self.quantized = Some(settings);
+        Ok(())
+    }
+
+    /// The quantization of stored keys and values, if any.
+    pub fn quantization(&self) -> Option<QuantSettings> {
+        self.quantized
+    }
+
     /// Number of positions processed (the next position's index).
     pub fn offset(&self) -> i32 {
         self.seen
@@ -42,40 +141,61 @@ impl LayerKv {
     pub fn stored(&self) -> usize {
         self.keys
             .as_ref()
-            .map(|k| k.shape()[2] as usize)
+            .map(|k| k.seq_len() as usize)
             .unwrap_or(0)
+    }
+
+    /// Bytes held by the stored keys and values.
+    pub fn nbytes(&self) -> usize {
+        [&self.keys, &self.values]
+            .into_iter()
+            .flatten()
+            .map(Stored::nbytes)
+            .sum()
     }
 
     /// Appends `keys` and `values` and returns every stored position plus
     /// the new ones, for this step's attention; a sliding layer then drops
-    /// what no later query can see.
+    /// what no later query can see. A quantized cache returns the
+    /// de-quantized positions, the new ones included.
     pub fn update(&mut self, keys: Array, values: Array) -> Result<(Array, Array)> {
-        let ctx = || "extending the KV cache".to_owned();
         let new = keys.shape()[2];
+        let dtype = keys.dtype();
+        let (new_keys, new_values) = match self.quantized {
+            Some(q) => {
+                let head_dim = keys.shape()[3] as usize;
+                q.check_input(head_dim).map_err(|e| {
+                    crate::error::Error::InvalidArgument(format!(
+                        "KV cache quantization: head dimension {head_dim}: {e}"
+                    ))
+                })?;
+                (Stored::quantize(&keys, q)?, Stored::quantize(&values, q)?)
+            }
+            None => (Stored::Float(keys), Stored::Float(values)),
+        };
         let keys = match self.keys.take() {
-            Some(old) => mlx_rs::ops::concatenate(&[old, keys], 2).context(ctx)?,
-            None => keys,
+            Some(old) => old.append(new_keys)?,
+            None => new_keys,
         };
         let values = match self.values.take() {
-            Some(old) => mlx_rs::ops::concatenate(&[old, values], 2).context(ctx)?,
-            None => values,
+            Some(old) => old.append(new_values)?,
+            None => new_values,
         };
         self.seen += new;
-        let total = keys.shape()[2];
+        let total = keys.seq_len();
         let (kept_keys, kept_values) = match self.keep {
             Some(keep) if total as usize > keep => {
-                use mlx_rs::ops::indexing::IndexOp;
                 let start = total - keep as i32;
-                (
-                    keys.index((.., .., start.., ..)),
-                    values.index((.., .., start.., ..)),
-                )
+                (keys.tail(start), values.tail(start))
             }
             _ => (keys.clone(), values.clone()),
         };
         self.keys = Some(kept_keys);
         self.values = Some(kept_values);
-        Ok((keys, values))
+        Ok((
+            keys.to_float(self.quantized, dtype)?,
+            values.to_float(self.quantized, dtype)?,
+        ))
     }
 }
 
@@ -104,9 +224,22 @@ impl KvCache {
         }
     }
 
+    /// Stores every layer's keys and values quantized (see
+    /// [`LayerKv::set_quantized`]).
+    pub fn set_quantized(&mut self, settings: QuantSettings) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|layer| layer.set_quantized(settings))
+    }
+
     /// Positions processed (those of the first layer).
     pub fn offset(&self) -> i32 {
         self.layers.first().map(LayerKv::offset).unwrap_or(0)
+    }
+
+    /// Bytes held by every layer's keys and values.
+    pub fn nbytes(&self) -> usize {
+        self.layers.iter().map(LayerKv::nbytes).sum()
     }
 
     /// The cache of every layer, in order.

@@ -52,6 +52,9 @@ pub struct GenerateOptions {
     pub stop_tokens: Vec<u32>,
     /// Prompt tokens per forward pass while filling the cache.
     pub prefill_chunk: usize,
+    /// Store the KV cache affine-quantized with these settings (mlx-lm's
+    /// `--kv-bits`/`--kv-group-size`); `None` keeps it in the compute dtype.
+    pub kv_quantization: Option<crate::quantize::QuantSettings>,
 }
 
 impl Default for GenerateOptions {
@@ -61,8 +64,18 @@ impl Default for GenerateOptions {
             sampling: Sampling::default(),
             stop_tokens: Vec::new(),
             prefill_chunk: 512,
+            kv_quantization: None,
         }
     }
+}
+
+/// The model's cache, quantized as the options ask.
+fn new_cache(model: &dyn CausalLm, options: &GenerateOptions) -> Result<KvCache> {
+    let mut cache = model.new_cache();
+    if let Some(settings) = options.kv_quantization {
+        cache.set_quantized(settings)?;
+    }
+    Ok(cache)
 }
 
 /// Timings of a generation, for tokens-per-second figures.
@@ -147,7 +160,7 @@ pub fn generate<'m>(
             "invalid sampling settings {s:?}: temperature >= 0, top_p and min_p in [0, 1], repetition_penalty > 0"
         )));
     }
-    let mut cache = model.new_cache();
+    let mut cache = new_cache(&*model, &options)?;
     let started = Instant::now();
     let mut logits = None;
     // A prompt crossing the length where cached keys go stale is processed
@@ -297,7 +310,10 @@ impl Iterator for Generation<'_> {
                 .cache_rebuild_after()
                 .is_some_and(|limit| self.history.len() == limit + 1);
             let ids: Vec<i32> = if rebuild {
-                self.cache = self.model.new_cache();
+                match new_cache(&*self.model, &self.options) {
+                    Ok(cache) => self.cache = cache,
+                    Err(e) => return Some(Err(e)),
+                }
                 self.history.iter().map(|&t| t as i32).collect()
             } else {
                 vec![token as i32]
