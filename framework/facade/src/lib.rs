@@ -25,6 +25,8 @@ pub use mlx_zoo_mistral as mistral;
 pub use mlx_zoo_phi as phi;
 /// The Qwen2 and original Qwen families.
 pub use mlx_zoo_qwen as qwen;
+/// Training: data, losses, optimizers, the trainer.
+pub use mlx_zoo_train as train;
 
 /// A registry holding every plugin linked into this binary: the built-in
 /// ones and any third-party crate the binary references.

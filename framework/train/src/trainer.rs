@@ -1,0 +1,536 @@
+//! The trainer, usable piece by piece or whole: [`loss_and_grad`] of one
+//! batch, [`Trainer::train_step`] (gradient accumulation weighted by
+//! tokens, clipping by global norm, the scheduled learning rate, one
+//! optimizer update), [`Trainer::evaluate`], checkpoints that resume bit for
+//! bit, and [`Trainer::run`] with [`TrainHooks`] for logging, evaluation and
+//! stopping.
+
+use crate::batch::{make_batch, Batch, BatchOrder, BatchPosition};
+use crate::data::{Dataset, Example};
+use crate::error::{Result, TrainError};
+use crate::loss::masked_cross_entropy;
+use crate::optim::{Optimizer, OptimizerKind};
+use crate::schedule::Schedule;
+use mlx_rs::error::Exception;
+use mlx_rs::module::{FlattenedModuleParam, ModuleParameters};
+use mlx_rs::Array;
+use mlx_zoo_core::CausalLm;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Settings of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps.
+    pub iters: usize,
+    /// Learning rate per step.
+    pub schedule: Schedule,
+    /// The optimizer.
+    pub optimizer: OptimizerKind,
+    /// Decoupled weight decay (AdamW) or L2 (SGD, Adafactor).
+    pub weight_decay: f32,
+    /// Clip gradients to this global norm.
+    pub max_grad_norm: Option<f32>,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Validation loss every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Validation batches per evaluation (0: the whole set).
+    pub eval_batches: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 4,
+            grad_accum: 1,
+            iters: 100,
+            schedule: Schedule::constant(2e-4),
+            optimizer: OptimizerKind::AdamW,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+            seed: 0,
+            eval_every: 0,
+            eval_batches: 0,
+            save_every: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(TrainError::InvalidSetting(what.to_string()));
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1");
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum must be at least 1");
+        }
+        if !(self.schedule.peak.is_finite() && self.schedule.peak > 0.0) {
+            return bad("the learning rate must be positive");
+        }
+        if self.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
+            return bad("max_grad_norm must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepReport {
+    /// Optimizer steps completed (1 after the first).
+    pub step: usize,
+    /// Mean loss over the step's loss tokens.
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Tokens fed to the model (padding included).
+    pub tokens: usize,
+    /// Tokens counting in the loss.
+    pub loss_tokens: usize,
+    /// Fed tokens per second of this step.
+    pub tokens_per_second: f32,
+    /// MLX memory in use after the step, bytes.
+    pub active_memory: usize,
+    /// MLX peak memory so far, bytes.
+    pub peak_memory: usize,
+    /// MLX buffer cache, bytes.
+    pub cache_memory: usize,
+}
+
+/// Callbacks of [`Trainer::run`]; every method has a do-nothing default.
+pub trait TrainHooks {
+    /// After each optimizer step.
+    fn on_step(&mut self, _report: &StepReport) {}
+    /// After each evaluation.
+    fn on_eval(&mut self, _step: usize, _loss: f32) {}
+    /// After each checkpoint.
+    fn on_checkpoint(&mut self, _step: usize, _dir: &Path) {}
+    /// Polled before each step: `true` saves a checkpoint and returns.
+    fn stop_requested(&self) -> bool {
+        false
+    }
+}
+
+impl TrainHooks for () {}
+
+/// How [`Trainer::run`] ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSummary {
+    /// Optimizer steps completed in total.
+    pub steps: usize,
+    /// Loss of the first step of this run.
+    pub first_loss: Option<f32>,
+    /// Loss of the last step.
+    pub last_loss: Option<f32>,
+    /// Final validation loss, if there is a validation set.
+    pub valid_loss: Option<f32>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// Whether a stop was requested before the last step.
+    pub interrupted: bool,
+}
+
+/// The mean loss of `batch` and its gradients with respect to the model's
+/// trainable parameters.
+pub fn loss_and_grad(
+    model: &mut dyn CausalLm,
+    batch: &Batch,
+) -> Result<(f32, FlattenedModuleParam)> {
+    let loss_fn = |model: &mut &mut dyn CausalLm,
+                   (inputs, targets, mask): (Array, Array, Array)|
+     -> Result<Vec<Array>, Exception> {
+        let logits = model
+            .forward(&inputs, None)
+            .map_err(|e| Exception::custom(e.to_string()))?;
+        let (loss, count) = masked_cross_entropy(&logits, &targets, &mask)?;
+        Ok(vec![loss, count])
+    };
+    let mut value_and_grad = mlx_rs::nn::value_and_grad(loss_fn);
+    let mut model = model;
+    let (values, grads) = value_and_grad(
+        &mut model,
+        (
+            batch.inputs.clone(),
+            batch.targets.clone(),
+            batch.mask.clone(),
+        ),
+    )?;
+    mlx_rs::transforms::eval(values.iter().chain(grads.values()))?;
+    Ok((values[0].item_cast::<f32>(), grads))
+}
+
+/// The global L2 norm of `gradients`, summed in name order (a hash map's
+/// order changes between runs, and with it the rounding: resumed runs must
+/// repeat the same bits).
+pub fn global_norm(gradients: &FlattenedModuleParam) -> Result<f32> {
+    let mut names: Vec<&Rc<str>> = gradients.keys().collect();
+    names.sort();
+    let mut total = Array::from_f32(0.0);
+    for name in names {
+        total = total.add(&gradients[name].square()?.sum(None)?)?;
+    }
+    Ok(total.sqrt()?.item_cast::<f32>())
+}
+
+/// A training run's optimizer, schedule position and data position.
+pub struct Trainer {
+    config: TrainConfig,
+    optimizer: Optimizer,
+    step: usize,
+    order: BatchOrder,
+    pad_id: u32,
+    last_checkpoint: Option<PathBuf>,
+}
+
+/// What a checkpoint records besides the arrays.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    position: BatchPosition,
+    train_examples: usize,
+    config: TrainConfig,
+}
+
+impl Trainer {
+    /// A trainer at step 0 for `data`; `pad_id` fills short sequences
+    /// (masked out, any id works).
+    pub fn new(config: TrainConfig, data: &Dataset, pad_id: u32) -> Result<Self> {
+        config.validate()?;
+        let optimizer =
+            Optimizer::new(config.optimizer, config.schedule.lr(0), config.weight_decay)?;
+        let order = BatchOrder::new(data.train.len(), config.batch_size, config.seed)?;
+        Ok(Self {
+            config,
+            optimizer,
+            step: 0,
+            order,
+            pad_id,
+            last_checkpoint: None,
+        })
+    }
+
+    /// The run's settings.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Optimizer steps completed.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// The next training batch in the seeded order.
+    pub fn next_batch(&mut self, data: &Dataset) -> Result<Batch> {
+        let indices = self.order.next_indices();
+        let examples: Vec<&Example> = indices.iter().map(|&i| &data.train[i]).collect();
+        make_batch(&examples, self.pad_id)
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches, their gradients
+    /// weighted by loss tokens, clipped, applied with the scheduled rate.
+    /// A non-finite loss stops before anything is applied.
+    pub fn train_step(&mut self, model: &mut dyn CausalLm, data: &Dataset) -> Result<StepReport> {
+        let started = Instant::now();
+        let mut accumulated: Option<FlattenedModuleParam> = None;
+        let (mut loss_sum, mut loss_tokens, mut tokens) = (0f64, 0usize, 0usize);
+        for _ in 0..self.config.grad_accum {
+            let batch = self.next_batch(data)?;
+            tokens += batch.inputs.size();
+            if batch.loss_tokens == 0 {
+                continue;
+            }
+            let (loss, grads) = loss_and_grad(model, &batch)?;
+            if !loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    step: self.step + 1,
+                    loss,
+                    last_checkpoint: self.last_checkpoint.clone(),
+                });
+            }
+            let weight = Array::from_f32(batch.loss_tokens as f32);
+            loss_sum += loss as f64 * batch.loss_tokens as f64;
+            loss_tokens += batch.loss_tokens;
+            accumulated = Some(match accumulated {
+                None => weigh(&grads, &weight, None)?,
+                Some(acc) => weigh(&grads, &weight, Some(acc))?,
+            });
+        }
+        let Some(accumulated) = accumulated else {
+            return Err(TrainError::InvalidSetting(
+                "a whole step of batches had no loss tokens".into(),
+            ));
+        };
+        let total = Array::from_f32(loss_tokens as f32);
+        let mut grads: FlattenedModuleParam = accumulated
+            .into_iter()
+            .map(|(k, g)| Ok((k, g.divide(&total)?)))
+            .collect::<Result<_, Exception>>()?;
+        let grad_norm = global_norm(&grads)?;
+        if let Some(max) = self.config.max_grad_norm {
+            if grad_norm > max {
+                let scale = Array::from_f32(max / (grad_norm + 1e-6));
+                grads = grads
+                    .into_iter()
+                    .map(|(k, g)| Ok((k, g.multiply(&scale)?)))
+                    .collect::<Result<_, Exception>>()?;
+            }
+        }
+        let lr = self.config.schedule.lr(self.step);
+        self.optimizer.set_lr(lr);
+        let mut model_ref = model;
+        self.optimizer.update(&mut model_ref, &grads)?;
+        let mut updated: Vec<Array> = model_ref
+            .trainable_parameters()
+            .flatten()
+            .values()
+            .map(|a| (*a).clone())
+            .collect();
+        updated.extend(self.optimizer.state_arrays()?);
+        mlx_rs::transforms::eval(updated.iter())?;
+        self.step += 1;
+        let memory = mlx_zoo_core::runtime::memory();
+        let seconds = started.elapsed().as_secs_f32().max(1e-9);
+        Ok(StepReport {
+            step: self.step,
+            loss: (loss_sum / loss_tokens as f64) as f32,
+            lr,
+            grad_norm,
+            tokens,
+            loss_tokens,
+            tokens_per_second: tokens as f32 / seconds,
+            active_memory: memory.active,
+            peak_memory: memory.peak,
+            cache_memory: memory.cache,
+        })
+    }
+
+    /// The mean loss over `examples` (token-weighted), in batches of the
+    /// run's size; at most `max_batches` batches when non-zero.
+    pub fn evaluate(
+        &self,
+        model: &mut dyn CausalLm,
+        examples: &[Example],
+        max_batches: usize,
+    ) -> Result<Option<f32>> {
+        let (mut sum, mut count) = (0f64, 0f64);
+        for (index, chunk) in examples.chunks(self.config.batch_size).enumerate() {
+            if max_batches > 0 && index >= max_batches {
+                break;
+            }
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let batch = make_batch(&refs, self.pad_id)?;
+            let logits = model.forward(&batch.inputs, None)?;
+            let (loss, n) = masked_cross_entropy(&logits, &batch.targets, &batch.mask)?;
+            let n = n.item_cast::<f32>() as f64;
+            sum += loss.item_cast::<f32>() as f64 * n;
+            count += n;
+        }
+        Ok((count > 0.0).then(|| (sum / count) as f32))
+    }
+
+    /// Writes `dir/step-NNNNNN/` (the trainable parameters, the optimizer
+    /// state, the step and data position) through a temporary directory
+    /// renamed into place, and returns its path.
+    pub fn save_checkpoint(&mut self, model: &mut dyn CausalLm, dir: &Path) -> Result<PathBuf> {
+        let target = dir.join(format!("step-{:06}", self.step));
+        let temp = dir.join(format!(".step-{:06}.tmp", self.step));
+        let io = |path: &Path| TrainError::io(path.to_path_buf());
+        if temp.exists() {
+            std::fs::remove_dir_all(&temp).map_err(io(&temp))?;
+        }
+        std::fs::create_dir_all(&temp).map_err(io(&temp))?;
+        let params: Vec<(Rc<str>, Array)> = model
+            .trainable_parameters()
+            .flatten()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        let trainable = temp.join("trainable.safetensors");
+        Array::save_safetensors(params, None, &trainable).map_err(|e| {
+            TrainError::BadCheckpoint {
+                path: trainable.clone(),
+                reason: format!("cannot write: {e}"),
+            }
+        })?;
+        self.optimizer
+            .save_state(&temp.join("optimizer.safetensors"))?;
+        let state = CheckpointState {
+            step: self.step,
+            position: self.order.position(),
+            train_examples: self.order.len(),
+            config: self.config.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state).map_err(|e| TrainError::BadCheckpoint {
+            path: temp.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(temp.join("trainer.json"), json).map_err(io(&temp))?;
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(io(&target))?;
+        }
+        std::fs::rename(&temp, &target).map_err(io(&target))?;
+        self.last_checkpoint = Some(target.clone());
+        Ok(target)
+    }
+
+    /// Restores a checkpoint written by [`Trainer::save_checkpoint`]: the
+    /// model's trainable parameters (every name must match), the optimizer
+    /// state, the step and the data position. The run's data and batch size
+    /// must be those of the checkpoint.
+    pub fn resume(&mut self, model: &mut dyn CausalLm, checkpoint: &Path) -> Result<()> {
+        let bad = |reason: String| TrainError::BadCheckpoint {
+            path: checkpoint.to_path_buf(),
+            reason,
+        };
+        let state_path = checkpoint.join("trainer.json");
+        let text = std::fs::read_to_string(&state_path).map_err(TrainError::io(&state_path))?;
+        let state: CheckpointState =
+            serde_json::from_str(&text).map_err(|e| bad(format!("trainer.json: {e}")))?;
+        if state.train_examples != self.order.len() {
+            return Err(bad(format!(
+                "it was written for {} training examples, this run has {}",
+                state.train_examples,
+                self.order.len()
+            )));
+        }
+        if state.config.batch_size != self.config.batch_size
+            || state.config.optimizer != self.config.optimizer
+        {
+            return Err(bad(format!(
+                "it was written with batch size {} and {:?}, this run uses {} and {:?}",
+                state.config.batch_size,
+                state.config.optimizer,
+                self.config.batch_size,
+                self.config.optimizer
+            )));
+        }
+        let path = checkpoint.join("trainable.safetensors");
+        let saved = Array::load_safetensors(&path)
+            .map_err(|e| bad(format!("trainable.safetensors: {e}")))?;
+        let expected: Vec<String> = model
+            .trainable_parameters()
+            .flatten()
+            .iter()
+            .map(|(k, v)| format!("{k} {:?}", v.shape()))
+            .collect();
+        let mut found: Vec<String> = saved
+            .iter()
+            .map(|(k, v)| format!("{k} {:?}", v.shape()))
+            .collect();
+        let mut expected_sorted = expected.clone();
+        expected_sorted.sort();
+        found.sort();
+        if expected_sorted != found {
+            let missing: Vec<&String> = expected_sorted
+                .iter()
+                .filter(|e| !found.contains(e))
+                .collect();
+            let extra: Vec<&String> = found
+                .iter()
+                .filter(|f| !expected_sorted.contains(f))
+                .collect();
+            return Err(bad(format!(
+                "its parameters do not fit the model's trainable ones: missing {missing:?}, unexpected {extra:?}"
+            )));
+        }
+        let mut model_ref = model;
+        ModuleParameters::update_flattened(
+            &mut model_ref,
+            saved
+                .into_iter()
+                .map(|(k, v)| (Rc::from(k.as_str()), v))
+                .collect(),
+        );
+        self.optimizer
+            .load_state(&checkpoint.join("optimizer.safetensors"))?;
+        self.step = state.step;
+        self.order = BatchOrder::at(self.order.len(), self.config.batch_size, state.position)?;
+        self.last_checkpoint = Some(checkpoint.to_path_buf());
+        Ok(())
+    }
+
+    /// Trains until `config.iters` steps are done (or a stop is requested),
+    /// evaluating and checkpointing into `checkpoints` as configured, with a
+    /// final evaluation and checkpoint.
+    pub fn run(
+        &mut self,
+        model: &mut dyn CausalLm,
+        data: &Dataset,
+        checkpoints: &Path,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<RunSummary> {
+        let mut summary = RunSummary {
+            steps: self.step,
+            first_loss: None,
+            last_loss: None,
+            valid_loss: None,
+            checkpoint: self.last_checkpoint.clone(),
+            interrupted: false,
+        };
+        while self.step < self.config.iters {
+            if hooks.stop_requested() {
+                summary.interrupted = true;
+                break;
+            }
+            let report = self.train_step(model, data)?;
+            summary.first_loss.get_or_insert(report.loss);
+            summary.last_loss = Some(report.loss);
+            hooks.on_step(&report);
+            let step = self.step;
+            let last = step == self.config.iters;
+            if !last && self.config.eval_every > 0 && step % self.config.eval_every == 0 {
+                if let Some(loss) = self.evaluate(model, &data.valid, self.config.eval_batches)? {
+                    hooks.on_eval(step, loss);
+                }
+            }
+            if !last && self.config.save_every > 0 && step % self.config.save_every == 0 {
+                let dir = self.save_checkpoint(model, checkpoints)?;
+                hooks.on_checkpoint(step, &dir);
+            }
+        }
+        if let Some(loss) = self.evaluate(model, &data.valid, self.config.eval_batches)? {
+            hooks.on_eval(self.step, loss);
+            summary.valid_loss = Some(loss);
+        }
+        if self.last_checkpoint.as_deref()
+            != Some(&checkpoints.join(format!("step-{:06}", self.step)))
+        {
+            let dir = self.save_checkpoint(model, checkpoints)?;
+            hooks.on_checkpoint(self.step, &dir);
+        }
+        summary.steps = self.step;
+        summary.checkpoint = self.last_checkpoint.clone();
+        Ok(summary)
+    }
+}
+
+/// `acc + grads * weight`, key by key.
+fn weigh(
+    grads: &FlattenedModuleParam,
+    weight: &Array,
+    acc: Option<FlattenedModuleParam>,
+) -> Result<FlattenedModuleParam> {
+    let mut out = FlattenedModuleParam::new();
+    for (key, g) in grads {
+        let scaled = g.multiply(weight)?;
+        let value = match acc.as_ref().and_then(|a| a.get(key)) {
+            Some(previous) => previous.add(&scaled)?,
+            None => scaled,
+        };
+        out.insert(key.clone(), value);
+    }
+    Ok(out)
+}

@@ -1,0 +1,418 @@
+//! Training end to end on the tiny llama fixture with the character-level
+//! fixture tokenizer (both vocab 128): LoRA, QLoRA and full fine-tuning
+//! lower the loss; a resumed run repeats the uninterrupted run's losses bit
+//! for bit; gradient accumulation equals the larger batch; a NaN stops the
+//! run; bad data is refused naming the line.
+
+use mlx_rs::module::ModuleParameters;
+use mlx_zoo::adapter::AdapterSettings;
+use mlx_zoo::loader::{LoadOptions, LoadedModel};
+use mlx_zoo::tokenizer::Tokenizer;
+use mlx_zoo::train::{
+    load_dataset, DataOptions, Dataset, Decay, OptimizerKind, Schedule, TrainConfig, TrainError,
+    Trainer,
+};
+use std::path::{Path, PathBuf};
+
+fn tokenizer() -> Tokenizer {
+    Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer/char-128"))
+        .expect("fixture tokenizer")
+}
+
+/// Sixteen prompt/completion records (twelve to train, four to validate).
+fn write_data(dir: &Path) -> PathBuf {
+    let path = dir.join("data.jsonl");
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            let a = i % 7;
+            let b = (i * 3) % 5;
+            serde_json::json!({"prompt": format!("{a}+{b}="), "completion": format!("{}", a + b)})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+fn dataset(dir: &Path, mask_prompt: bool) -> Dataset {
+    let options = DataOptions {
+        max_seq_len: 64,
+        mask_prompt,
+        valid_fraction: 0.25,
+    };
+    load_dataset(&write_data(dir), &tokenizer(), &options).unwrap()
+}
+
+fn with_lora(mut loaded: LoadedModel) -> LoadedModel {
+    let registry = mlx_zoo::registry().unwrap();
+    let settings = AdapterSettings {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        rslora: false,
+    };
+    loaded
+        .apply_lora(
+            &registry,
+            &["q_proj", "k_proj", "v_proj", "o_proj"],
+            settings,
+        )
+        .unwrap();
+    loaded
+}
+
+fn config(iters: usize, lr: f32) -> TrainConfig {
+    TrainConfig {
+        batch_size: 4,
+        grad_accum: 1,
+        iters,
+        schedule: Schedule {
+            peak: lr,
+            warmup: 2,
+            total: iters,
+            decay: Decay::Cosine,
+            min_ratio: 0.1,
+        },
+        optimizer: OptimizerKind::AdamW,
+        weight_decay: 0.0,
+        max_grad_norm: Some(1.0),
+        seed: 3,
+        eval_every: 0,
+        eval_batches: 0,
+        save_every: 0,
+    }
+}
+
+/// Losses of `steps` optimizer steps.
+fn losses(
+    trainer: &mut Trainer,
+    loaded: &mut LoadedModel,
+    data: &Dataset,
+    steps: usize,
+) -> Vec<f32> {
+    (0..steps)
+        .map(|_| {
+            trainer
+                .train_step(loaded.model.as_mut(), data)
+                .unwrap()
+                .loss
+        })
+        .collect()
+}
+
+#[test]
+fn lora_lowers_the_loss_and_only_adapters_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    assert_eq!((data.train.len(), data.valid.len()), (12, 4));
+    let mut loaded = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    let frozen_before: Vec<f32> = loaded.model.parameters().flatten()
+        ["model.layers.0.self_attn.q_proj.weight"]
+        .as_slice::<f32>()
+        .to_vec();
+    let mut trainer = Trainer::new(config(60, 5e-3), &data, 0).unwrap();
+    let valid_before = trainer
+        .evaluate(loaded.model.as_mut(), &data.valid, 0)
+        .unwrap()
+        .unwrap();
+    let losses = losses(&mut trainer, &mut loaded, &data, 60);
+    let valid_after = trainer
+        .evaluate(loaded.model.as_mut(), &data.valid, 0)
+        .unwrap()
+        .unwrap();
+    let first: f32 = losses[..6].iter().sum::<f32>() / 6.0;
+    let last: f32 = losses[54..].iter().sum::<f32>() / 6.0;
+    assert!(
+        last < 0.5 * first,
+        "training loss {first} -> {last}: {losses:?}"
+    );
+    assert!(
+        valid_after < valid_before,
+        "validation loss {valid_before} -> {valid_after}"
+    );
+    let frozen_after = loaded.model.parameters().flatten()
+        ["model.layers.0.self_attn.q_proj.weight"]
+        .as_slice::<f32>()
+        .to_vec();
+    assert_eq!(
+        frozen_before, frozen_after,
+        "the base weights must not move"
+    );
+}
+
+/// The model's trainable parameters, copied.
+fn trainable(loaded: &LoadedModel) -> Vec<(std::rc::Rc<str>, mlx_rs::Array)> {
+    loaded
+        .model
+        .trainable_parameters()
+        .flatten()
+        .into_iter()
+        .map(|(k, v)| (k, v.clone()))
+        .collect()
+}
+
+#[test]
+fn a_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let mut straight_model = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    let start = trainable(&straight_model);
+    let mut straight = Trainer::new(config(8, 5e-3), &data, 0).unwrap();
+    let expected = losses(&mut straight, &mut straight_model, &data, 8);
+
+    // The same start (LoRA's A is random: copy it), four steps, a checkpoint.
+    let mut model = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    let mut model_ref = model.model.as_mut();
+    ModuleParameters::update_flattened(&mut model_ref, start.into_iter().collect());
+    let mut trainer = Trainer::new(config(8, 5e-3), &data, 0).unwrap();
+    let mut got = losses(&mut trainer, &mut model, &data, 4);
+    let checkpoints = dir.path().join("checkpoints");
+    let checkpoint = trainer
+        .save_checkpoint(model.model.as_mut(), &checkpoints)
+        .unwrap();
+    assert!(checkpoint.ends_with("step-000004"));
+    drop((trainer, model));
+
+    // A new process: a fresh model (another random A), resumed.
+    let mut model = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    let mut trainer = Trainer::new(config(8, 5e-3), &data, 0).unwrap();
+    trainer.resume(model.model.as_mut(), &checkpoint).unwrap();
+    assert_eq!(trainer.step(), 4);
+    got.extend(losses(&mut trainer, &mut model, &data, 4));
+    assert_eq!(
+        got, expected,
+        "resumed losses differ from the uninterrupted run"
+    );
+
+    // A checkpoint of another run shape is refused, naming why.
+    let mut other = Trainer::new(
+        TrainConfig {
+            batch_size: 2,
+            ..config(8, 5e-3)
+        },
+        &data,
+        0,
+    )
+    .unwrap();
+    let error = other
+        .resume(model.model.as_mut(), &checkpoint)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("batch size 4") && error.contains("step-000004"),
+        "{error}"
+    );
+    let mut bare = mlx_zoo_tests::load("llama-gqa");
+    let registry = mlx_zoo::registry().unwrap();
+    let settings = AdapterSettings {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        rslora: false,
+    };
+    bare.apply_lora(&registry, &["q_proj"], settings).unwrap();
+    let mut trainer = Trainer::new(config(8, 5e-3), &data, 0).unwrap();
+    let error = trainer
+        .resume(bare.model.as_mut(), &checkpoint)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("unexpected") && error.contains("k_proj"),
+        "{error}"
+    );
+}
+
+#[test]
+fn gradient_accumulation_equals_the_larger_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = dataset(dir.path(), false);
+    data.train.truncate(4);
+    let mut one = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    let start = trainable(&one);
+    let mut two = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    let mut two_ref = two.model.as_mut();
+    ModuleParameters::update_flattened(&mut two_ref, start.into_iter().collect());
+    let sgd = |batch_size, grad_accum| TrainConfig {
+        batch_size,
+        grad_accum,
+        optimizer: OptimizerKind::Sgd,
+        max_grad_norm: None,
+        ..config(1, 0.1)
+    };
+    let big = Trainer::new(sgd(4, 1), &data, 0)
+        .unwrap()
+        .train_step(one.model.as_mut(), &data)
+        .unwrap();
+    let small = Trainer::new(sgd(2, 2), &data, 0)
+        .unwrap()
+        .train_step(two.model.as_mut(), &data)
+        .unwrap();
+    assert_eq!(big.loss_tokens, small.loss_tokens);
+    assert!(
+        (big.loss - small.loss).abs() < 1e-5,
+        "{} vs {}",
+        big.loss,
+        small.loss
+    );
+    assert!((big.grad_norm - small.grad_norm).abs() < 1e-5 * big.grad_norm.max(1.0));
+    let (a, b) = (trainable(&one), trainable(&two));
+    let worst = a
+        .iter()
+        .map(|(k, v)| {
+            let w = b
+                .iter()
+                .find(|(kb, _)| kb == k)
+                .unwrap()
+                .1
+                .as_slice::<f32>()
+                .to_vec();
+            mlx_zoo_tests::max_abs_diff(v.as_slice::<f32>(), &w)
+        })
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-6, "parameters differ by {worst}");
+}
+
+#[test]
+fn full_fine_tuning_and_qlora_lower_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let mut full = mlx_zoo_tests::load("llama-gqa");
+    let trainable_count = full.model.trainable_parameters().flatten().len();
+    assert_eq!(
+        trainable_count,
+        full.model.parameters().flatten().len(),
+        "nothing frozen"
+    );
+    let mut trainer = Trainer::new(config(30, 2e-3), &data, 0).unwrap();
+    let l = losses(&mut trainer, &mut full, &data, 30);
+    assert!(
+        l[25..].iter().sum::<f32>() < 0.5 * l[..5].iter().sum::<f32>(),
+        "full: {l:?}"
+    );
+
+    let registry = mlx_zoo::registry().unwrap();
+    let quantize = mlx_zoo::quantize::QuantPlan::uniform(mlx_zoo::quantize::QuantSettings {
+        bits: 4,
+        group_size: 32,
+    });
+    let options = LoadOptions {
+        quantize: Some(quantize),
+        ..Default::default()
+    };
+    let q4 =
+        mlx_zoo::loader::load(&registry, &mlx_zoo_tests::fixture("llama-gqa"), &options).unwrap();
+    let mut qlora = with_lora(q4);
+    assert!(qlora
+        .model
+        .trainable_parameters()
+        .flatten()
+        .keys()
+        .all(|k| k.contains("lora_")));
+    let mut trainer = Trainer::new(config(60, 5e-3), &data, 0).unwrap();
+    let l = losses(&mut trainer, &mut qlora, &data, 60);
+    assert!(
+        l[54..].iter().sum::<f32>() < 0.5 * l[..6].iter().sum::<f32>(),
+        "qlora: {l:?}"
+    );
+}
+
+#[test]
+fn a_non_finite_loss_stops_before_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), false);
+    let mut loaded = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    let mut trainer = Trainer::new(config(4, 1e-3), &data, 0).unwrap();
+    trainer.train_step(loaded.model.as_mut(), &data).unwrap();
+    let checkpoint = trainer
+        .save_checkpoint(loaded.model.as_mut(), &dir.path().join("ck"))
+        .unwrap();
+    loaded
+        .model
+        .visit_linears(&mut |_, layer| {
+            if let Some(b) = layer.lora_b.as_ref().as_ref() {
+                let nan =
+                    mlx_rs::ops::full::<f32>(b.shape(), mlx_rs::Array::from_f32(f32::NAN)).unwrap();
+                layer.lora_b = mlx_rs::module::Param::new(Some(nan));
+            }
+            Ok(())
+        })
+        .unwrap();
+    let error = trainer
+        .train_step(loaded.model.as_mut(), &data)
+        .unwrap_err();
+    assert!(
+        matches!(error, TrainError::NonFiniteLoss { step: 2, .. }),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("NaN") && message.contains(&checkpoint.display().to_string()),
+        "{message}"
+    );
+    assert_eq!(trainer.step(), 1);
+}
+
+#[test]
+fn bad_data_is_refused_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.jsonl");
+    let options = DataOptions::default();
+    for (content, needle) in [
+        (
+            "{\"text\": \"ok\"}\n{\"prompt\": \"x\"}\n",
+            ":2: `prompt` without `completion`",
+        ),
+        (
+            "{\"text\": \"ok\"}\n\n{\"txt\": 1}\n",
+            ":3: unknown field `txt`",
+        ),
+        (
+            "{\"text\": \"a\", \"messages\": []}\n",
+            ":1: expected exactly one of",
+        ),
+        ("not json\n", ":1: expected"),
+    ] {
+        std::fs::write(&path, content).unwrap();
+        let error = load_dataset(&path, &tokenizer(), &options)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("bad.jsonl") && error.contains(needle),
+            "{error}"
+        );
+    }
+    let error = load_dataset(dir.path(), &tokenizer(), &options)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("no train.jsonl"), "{error}");
+}
+
+#[test]
+fn long_sequences_are_cut_and_counted_and_chats_mask_all_but_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.jsonl");
+    let chat = serde_json::json!({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"}]});
+    std::fs::write(
+        &path,
+        format!("{chat}\n{}\n", serde_json::json!({"text": "x".repeat(100)})),
+    )
+    .unwrap();
+    let options = DataOptions {
+        max_seq_len: 60,
+        mask_prompt: true,
+        valid_fraction: 0.0,
+    };
+    let data = load_dataset(dir.path(), &tokenizer(), &options).unwrap();
+    assert_eq!(data.truncated, 1);
+    assert!(data.train.iter().all(|e| e.ids.len() <= 60));
+    let chat = &data.train[0];
+    let tok = tokenizer();
+    // The loss covers the assistant's text (and what the template puts after it).
+    let answer = tok.decode(&chat.ids[chat.loss_start..]).unwrap();
+    assert_eq!(answer.trim_end(), " Hello", "{answer:?}");
+    let prompt = tok.decode(&chat.ids[..chat.loss_start]).unwrap();
+    assert!(prompt.ends_with("ASSISTANT:"), "{prompt:?}");
+}
