@@ -6,6 +6,7 @@
 //! ids, fetched into the hub cache first.
 
 mod commands;
+mod finetune;
 mod npy;
 mod sources;
 
@@ -227,6 +228,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fine-tune MODEL on JSONL data: LoRA, QLoRA, DoRA or full, with
+    /// checkpoints, --resume, metrics.jsonl and the adapter written in PEFT
+    /// and mlx-lm formats.
+    ///
+    /// Data lines: {"text": ...} | {"prompt": ..., "completion": ...} |
+    /// {"messages": [{"role": ..., "content": ...}]} (chat template).
+    ///
+    /// Examples: zoo finetune ./TinyLlama --data ./data --iters 200 --lr 2e-4 --out ./run
+    ///           zoo finetune ./TinyLlama --data train.jsonl --train-type qlora --q-bits 4 --mask-prompt
+    ///           zoo finetune ./TinyLlama --data ./data --out ./run --resume ./run/checkpoints/step-000100
+    Finetune(finetune::FinetuneArgs),
     /// Compute logits for token ids and write them as a float32 .npy of
     /// shape [batch, seq, vocab].
     ///
@@ -312,6 +324,10 @@ fn fetch_sources(command: &mut Command, quiet: bool) -> anyhow::Result<()> {
             *model = local_dir(model, quiet)?;
             local_dir_opt(adapter, quiet)?;
         }
+        Command::Finetune(args) => {
+            args.model = local_dir(&args.model, quiet)?;
+            local_dir_opt(&mut args.tokenizer, quiet)?;
+        }
         Command::Archs { .. } | Command::Info { .. } => {}
     }
     Ok(())
@@ -325,7 +341,9 @@ fn main() -> ExitCode {
         eprintln!("error: {error:#}");
         return ExitCode::from(exit_code(&error));
     }
+    let quiet = cli.quiet;
     let result = match cli.command {
+        Command::Finetune(args) => finetune::finetune(&args, quiet),
         Command::Demo { model } => commands::demo(model.as_deref()),
         Command::Archs { json } => commands::archs(json),
         Command::Info { json } => commands::info(json),

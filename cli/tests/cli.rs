@@ -447,3 +447,106 @@ fn model_arguments_may_be_hub_repo_ids() {
         "{stderr}"
     );
 }
+
+fn tokenizer_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/char-128")
+}
+
+/// Losses per step from a run's metrics.jsonl.
+fn step_losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn finetune_trains_resumes_and_writes_adapters_in_both_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    let lines: Vec<String> = (0..24)
+        .map(|i| serde_json::json!({"prompt": format!("{}+{}=", i % 7, i % 5), "completion": format!("{}", i % 7 + i % 5)}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let model = fixture("llama-gqa");
+    let tokenizer = tokenizer_dir();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "-q",
+            "finetune",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--iters",
+            "6",
+            "--lr",
+            "5e-3",
+            "--lora-rank",
+            "4",
+            "--batch-size",
+            "4",
+            "--mask-prompt",
+            "--save-every",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        zoo(&args)
+    };
+    let straight = dir.path().join("straight");
+    let out = stdout(&run(&straight, &[]));
+    assert!(out.contains("trained 6 steps"), "{out}");
+    for file in [
+        "adapters/adapters.safetensors",
+        "adapters/adapter_config.json",
+        "peft/adapter_model.safetensors",
+        "peft/adapter_config.json",
+        "summary.json",
+    ] {
+        assert!(straight.join(file).is_file(), "{file} missing");
+    }
+    let expected = step_losses(&straight);
+    assert_eq!(expected.len(), 6);
+
+    // Resume the step-3 checkpoint in another directory: steps 4-6 repeat.
+    let resumed = dir.path().join("resumed");
+    let checkpoint = straight.join("checkpoints/step-000003");
+    stdout(&run(&resumed, &["--resume", checkpoint.to_str().unwrap()]));
+    assert_eq!(step_losses(&resumed), expected[3..]);
+
+    // The trained adapter, in either format, changes the logits the same way.
+    let ids = dir.path().join("ids.json");
+    std::fs::write(&ids, "[[1, 50, 43, 51, 61]]").unwrap();
+    let logits = |adapter: &Path, name: &str| {
+        let out = dir.path().join(name);
+        stdout(&zoo(&[
+            "logits",
+            model.to_str().unwrap(),
+            "--tokens",
+            ids.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ]));
+        read_npy_f32(&out).1
+    };
+    let mlx_lm = logits(&straight.join("adapters"), "a.npy");
+    let peft = logits(&straight.join("peft"), "b.npy");
+    let diff = mlx_lm
+        .iter()
+        .zip(&peft)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-5, "{diff}");
+
+    let bad = run(&dir.path().join("bad"), &["--decay", "wavy"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--decay wavy"));
+}

@@ -1,0 +1,369 @@
+//! `zoo finetune`: LoRA, QLoRA, DoRA or full fine-tuning of a model on JSONL
+//! data, with a progress line (loss, tokens/s, memory, ETA), `metrics.jsonl`,
+//! checkpoints, `--resume`, a clean stop on Ctrl-C (checkpoint first), and
+//! at the end the adapter in both PEFT and mlx-lm formats (or the whole
+//! model for a full fine-tune).
+
+use anyhow::{bail, Context, Result};
+use mlx_zoo::adapter::{AdapterSettings, AdapterTargets};
+use mlx_zoo::loader::{self, LoadOptions};
+use mlx_zoo::train::{
+    load_dataset, DataOptions, Decay, OptimizerKind, Schedule, StepReport, TrainConfig, TrainHooks,
+    Trainer,
+};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainType {
+    /// LoRA adapters on a float base.
+    Lora,
+    /// LoRA adapters on a base quantized at load (--q-bits).
+    Qlora,
+    /// DoRA adapters (magnitude + direction).
+    Dora,
+    /// Every float parameter.
+    Full,
+}
+
+/// Arguments of `zoo finetune`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FinetuneArgs {
+    /// A model directory or a repo id (org/name@revision).
+    pub model: PathBuf,
+    /// A JSONL file or a directory with train.jsonl (and valid.jsonl).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where adapters, checkpoints and metrics.jsonl go.
+    #[arg(long, default_value = "finetuned")]
+    pub out: PathBuf,
+    /// Read the tokenizer from this directory instead of MODEL.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// What to train.
+    #[arg(long, value_enum, default_value = "lora")]
+    pub train_type: TrainType,
+    /// Bits of the quantized base (qlora).
+    #[arg(long, default_value_t = 4)]
+    pub q_bits: u8,
+    /// Group size of the quantized base (qlora).
+    #[arg(long, default_value_t = 64)]
+    pub q_group_size: usize,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
+    /// Adapter alpha (scale alpha / rank).
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f32,
+    /// Adapter dropout (recorded in the adapter config; not applied yet).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f32,
+    /// Target modules, comma-separated (default: the architecture's).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f32,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    pub iters: usize,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Decay after warmup: constant, linear or cosine.
+    #[arg(long, default_value = "cosine")]
+    pub decay: String,
+    /// Optimizer: adamw, sgd or adafactor.
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Clip gradients to this global norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// Longest sequence in tokens (longer ones are cut, and counted).
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    /// Loss on completions / the last chat message only.
+    #[arg(long)]
+    pub mask_prompt: bool,
+    /// Data order seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Validation loss every N steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue from a checkpoint directory (OUT/checkpoints/step-N).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+/// Prints the progress line and appends `metrics.jsonl`.
+struct Progress {
+    metrics: std::fs::File,
+    started: Instant,
+    total: usize,
+    first_step: usize,
+    stop: Arc<AtomicBool>,
+    quiet: bool,
+}
+
+impl Progress {
+    fn log(&mut self, value: serde_json::Value) {
+        let _ = writeln!(self.metrics, "{value}");
+    }
+}
+
+impl TrainHooks for Progress {
+    fn on_step(&mut self, r: &StepReport) {
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        self.log(serde_json::json!({
+            "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+            "tokens": r.tokens, "loss_tokens": r.loss_tokens,
+            "tokens_per_second": r.tokens_per_second,
+            "active_memory": r.active_memory, "peak_memory": r.peak_memory,
+            "cache_memory": r.cache_memory,
+        }));
+        if !self.quiet {
+            let done = r.step - self.first_step;
+            let per_step = self.started.elapsed().as_secs_f64() / done.max(1) as f64;
+            let eta = per_step * (self.total - r.step) as f64;
+            eprintln!(
+                "step {:>5}/{}  loss {:.4}  lr {:.2e}  {:.0} tok/s  mem {:.0} MiB (peak {:.0})  eta {:.0}s",
+                r.step,
+                self.total,
+                r.loss,
+                r.lr,
+                r.tokens_per_second,
+                mib(r.active_memory),
+                mib(r.peak_memory),
+                eta
+            );
+        }
+    }
+
+    fn on_eval(&mut self, step: usize, loss: f32) {
+        self.log(serde_json::json!({"step": step, "valid_loss": loss}));
+        if !self.quiet {
+            eprintln!("step {step:>5}  validation loss {loss:.4}");
+        }
+    }
+
+    fn on_checkpoint(&mut self, step: usize, dir: &Path) {
+        self.log(serde_json::json!({"step": step, "checkpoint": dir}));
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// `zoo finetune`.
+pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
+    let registry = mlx_zoo::registry()?;
+    let decay = match args.decay.as_str() {
+        "constant" => Decay::Constant,
+        "linear" => Decay::Linear,
+        "cosine" => Decay::Cosine,
+        other => bail!("--decay {other}: expected constant, linear or cosine"),
+    };
+    let optimizer: OptimizerKind = args.optimizer.parse()?;
+    let mut options = LoadOptions::default();
+    if args.train_type == TrainType::Qlora {
+        let settings = mlx_zoo::quantize::QuantSettings {
+            bits: args.q_bits,
+            group_size: args.q_group_size,
+        };
+        settings.check().context("--q-bits / --q-group-size")?;
+        options.quantize = Some(mlx_zoo::quantize::QuantPlan::uniform(settings));
+    }
+    let mut loaded = loader::load(&registry, &args.model, &options)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    match args.train_type {
+        TrainType::Full => {
+            if !loaded.quantization.quantized.is_empty() {
+                bail!(
+                    "{}: a quantized model cannot be fully fine-tuned; use --train-type qlora",
+                    args.model.display()
+                );
+            }
+        }
+        kind => {
+            let method = if kind == TrainType::Dora {
+                "dora"
+            } else {
+                "lora"
+            };
+            let settings = AdapterSettings {
+                rank: args.lora_rank,
+                alpha: args.lora_alpha,
+                dropout: args.lora_dropout,
+                rslora: false,
+            };
+            let targets = AdapterTargets {
+                modules: args.lora_targets.clone(),
+                ..Default::default()
+            };
+            let layers = loaded
+                .apply_adapter(&registry, method, settings, &targets)
+                .context("attaching the adapters")?;
+            if !quiet {
+                eprintln!(
+                    "{method} rank {} on {} layers",
+                    args.lora_rank,
+                    layers.len()
+                );
+            }
+            if args.lora_dropout > 0.0 {
+                tracing::warn!("--lora-dropout is recorded in the adapter config but not applied during training yet");
+            }
+        }
+    }
+    let tokenizer_dir = args.tokenizer.as_deref().unwrap_or(&args.model);
+    let tokenizer = mlx_zoo::tokenizer::Tokenizer::from_dir(tokenizer_dir)
+        .with_context(|| format!("reading the tokenizer of {}", tokenizer_dir.display()))?;
+    let data_options = DataOptions {
+        max_seq_len: args.max_seq_len,
+        mask_prompt: args.mask_prompt,
+        valid_fraction: 0.1,
+    };
+    let data = load_dataset(&args.data, &tokenizer, &data_options)?;
+    if !quiet {
+        eprintln!(
+            "data: {} training and {} validation sequences, {} loss tokens per epoch{}",
+            data.train.len(),
+            data.valid.len(),
+            data.train_loss_tokens,
+            if data.truncated > 0 {
+                format!(", {} cut to {} tokens", data.truncated, args.max_seq_len)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let config = TrainConfig {
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        iters: args.iters,
+        schedule: Schedule {
+            peak: args.lr,
+            warmup: args.warmup,
+            total: args.iters,
+            decay,
+            min_ratio: 0.1,
+        },
+        optimizer,
+        weight_decay: args.weight_decay,
+        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+        seed: args.seed,
+        eval_every: args.eval_every,
+        eval_batches: 0,
+        save_every: args.save_every,
+    };
+    let pad = tokenizer.eos_ids().first().copied().unwrap_or(0);
+    let mut trainer = Trainer::new(config, &data, pad)?;
+    if let Some(checkpoint) = &args.resume {
+        trainer.resume(loaded.model.as_mut(), checkpoint)?;
+        if !quiet {
+            eprintln!(
+                "resumed from {} at step {}",
+                checkpoint.display(),
+                trainer.step()
+            );
+        }
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while the checkpoint is written kills as usual.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+        });
+    }
+    let metrics_path = args.out.join("metrics.jsonl");
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut progress = Progress {
+        metrics,
+        started: Instant::now(),
+        total: args.iters,
+        first_step: trainer.step(),
+        stop,
+        quiet,
+    };
+    let checkpoints = args.out.join("checkpoints");
+    let summary = trainer.run(loaded.model.as_mut(), &data, &checkpoints, &mut progress)?;
+    if summary.interrupted {
+        eprintln!(
+            "stopped at step {}; continue with --resume {}",
+            summary.steps,
+            summary
+                .checkpoint
+                .as_deref()
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let base = args.model.display().to_string();
+    let written = if args.train_type == TrainType::Full {
+        let dir = args.out.join("model");
+        mlx_zoo::export::save_mlx_model(&loaded, &args.model, &dir, &Default::default())?;
+        vec![dir]
+    } else {
+        use mlx_zoo::lora::formats::{save_adapter, AdapterFormat};
+        let mlx_lm = args.out.join("adapters");
+        let peft = args.out.join("peft");
+        save_adapter(&mut loaded, &mlx_lm, AdapterFormat::MlxLm, &base)?;
+        save_adapter(&mut loaded, &peft, AdapterFormat::Peft, &base)?;
+        vec![mlx_lm, peft]
+    };
+    let summary_json = serde_json::json!({
+        "steps": summary.steps, "first_loss": summary.first_loss, "last_loss": summary.last_loss,
+        "valid_loss": summary.valid_loss, "checkpoint": summary.checkpoint, "outputs": written,
+    });
+    std::fs::write(args.out.join("summary.json"), format!("{summary_json:#}\n"))
+        .with_context(|| format!("writing {}", args.out.join("summary.json").display()))?;
+    println!(
+        "trained {} steps: loss {} -> {}{}",
+        summary.steps,
+        summary
+            .first_loss
+            .map(|l| format!("{l:.4}"))
+            .unwrap_or_else(|| "-".into()),
+        summary
+            .last_loss
+            .map(|l| format!("{l:.4}"))
+            .unwrap_or_else(|| "-".into()),
+        summary
+            .valid_loss
+            .map(|l| format!(", validation {l:.4}"))
+            .unwrap_or_default()
+    );
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
