@@ -416,3 +416,71 @@ fn long_sequences_are_cut_and_counted_and_chats_mask_all_but_the_answer() {
     let prompt = tok.decode(&chat.ids[..chat.loss_start]).unwrap();
     assert!(prompt.ends_with("ASSISTANT:"), "{prompt:?}");
 }
+
+#[test]
+fn lora_dropout_applies_in_training_only_and_resumes_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let registry = mlx_zoo::registry().unwrap();
+    let settings = AdapterSettings {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.3,
+        rslora: false,
+    };
+    let dropout_lora = || {
+        let mut loaded = mlx_zoo_tests::load("llama-gqa");
+        loaded
+            .apply_lora(&registry, &["q_proj", "v_proj"], settings)
+            .unwrap();
+        loaded
+    };
+    let mut straight_model = dropout_lora();
+    let start = trainable(&straight_model);
+    let mut straight = Trainer::new(config(6, 5e-3), &data, 0).unwrap();
+    let expected = losses(&mut straight, &mut straight_model, &data, 6);
+
+    let ids = mlx_rs::Array::from_slice(&[1i32, 20, 30, 40], &[1, 4]);
+    let model = straight_model.model.as_mut();
+    let eval_a = model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec();
+    let eval_b = model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec();
+    assert_eq!(eval_a, eval_b, "no dropout outside training");
+    assert_eq!(
+        mlx_zoo::adapter::set_adapter_training(model, true).unwrap(),
+        4
+    );
+    let train_a = model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec();
+    let train_b = model
+        .forward(&ids, None)
+        .unwrap()
+        .as_slice::<f32>()
+        .to_vec();
+    mlx_zoo::adapter::set_adapter_training(model, false).unwrap();
+    assert_ne!(train_a, train_b, "dropout draws new masks");
+
+    let mut model = dropout_lora();
+    let mut model_ref = model.model.as_mut();
+    ModuleParameters::update_flattened(&mut model_ref, start.into_iter().collect());
+    let mut trainer = Trainer::new(config(6, 5e-3), &data, 0).unwrap();
+    let mut got = losses(&mut trainer, &mut model, &data, 3);
+    let checkpoint = trainer
+        .save_checkpoint(model.model.as_mut(), &dir.path().join("ck"))
+        .unwrap();
+    let mut model = dropout_lora();
+    let mut trainer = Trainer::new(config(6, 5e-3), &data, 0).unwrap();
+    trainer.resume(model.model.as_mut(), &checkpoint).unwrap();
+    got.extend(losses(&mut trainer, &mut model, &data, 3));
+    assert_eq!(got, expected, "dropout masks must repeat after a resume");
+}

@@ -280,3 +280,21 @@ pub fn freeze_all_but_adapters(model: &mut dyn crate::CausalLm) -> Result<()> {
         Ok(())
     })
 }
+
+/// Switches every attached adapter of `model` into (`true`) or out of
+/// training mode, where its dropout applies; returns how many layers carry
+/// an adapter.
+pub fn set_adapter_training(
+    model: &mut dyn crate::model::CausalLm,
+    training: bool,
+) -> Result<usize> {
+    let mut count = 0;
+    model.visit_linears(&mut |_, layer| {
+        if let Some(attached) = layer.adapter.as_mut() {
+            attached.training = training;
+            count += 1;
+        }
+        Ok(())
+    })?;
+    Ok(count)
+}

@@ -244,6 +244,23 @@ impl Trainer {
     /// A non-finite loss stops before anything is applied.
     pub fn train_step(&mut self, model: &mut dyn CausalLm, data: &Dataset) -> Result<StepReport> {
         let started = Instant::now();
+        // Adapter dropout draws from MLX's key, seeded per step so a resumed
+        // run draws the same masks.
+        mlx_rs::random::seed(self.config.seed.wrapping_add(self.step as u64))?;
+        mlx_zoo_core::adapter::set_adapter_training(model, true)?;
+        let result = self.accumulate(model, data);
+        mlx_zoo_core::adapter::set_adapter_training(model, false)?;
+        let (accumulated, loss_sum, loss_tokens, tokens) = result?;
+        self.apply(model, accumulated, loss_sum, loss_tokens, tokens, started)
+    }
+
+    /// The micro-batches of one step: token-weighted gradient sums, the
+    /// loss sum, counted and fed tokens.
+    fn accumulate(
+        &mut self,
+        model: &mut dyn CausalLm,
+        data: &Dataset,
+    ) -> Result<(FlattenedModuleParam, f64, usize, usize)> {
         let mut accumulated: Option<FlattenedModuleParam> = None;
         let (mut loss_sum, mut loss_tokens, mut tokens) = (0f64, 0usize, 0usize);
         for _ in 0..self.config.grad_accum {
@@ -273,6 +290,19 @@ impl Trainer {
                 "a whole step of batches had no loss tokens".into(),
             ));
         };
+        Ok((accumulated, loss_sum, loss_tokens, tokens))
+    }
+
+    /// Averages, clips and applies accumulated gradients.
+    fn apply(
+        &mut self,
+        model: &mut dyn CausalLm,
+        accumulated: FlattenedModuleParam,
+        loss_sum: f64,
+        loss_tokens: usize,
+        tokens: usize,
+        started: Instant,
+    ) -> Result<StepReport> {
         let total = Array::from_f32(loss_tokens as f32);
         let mut grads: FlattenedModuleParam = accumulated
             .into_iter()

@@ -81,6 +81,8 @@ pub struct AttachedAdapter {
     pub method: std::sync::Arc<dyn Adapter>,
     /// Rank, scaling and dropout.
     pub settings: AdapterSettings,
+    /// Training mode: dropout (if any) applies to the adapter's input.
+    pub training: bool,
 }
 
 impl std::fmt::Debug for AttachedAdapter {
@@ -352,7 +354,11 @@ impl Linear {
                 "adapter parameter {extra:?} has no slot in a linear layer (lora_a, lora_b, magnitude)"
             )));
         }
-        self.adapter = Some(AttachedAdapter { method, settings });
+        self.adapter = Some(AttachedAdapter {
+            method,
+            settings,
+            training: false,
+        });
         Ok(())
     }
 
@@ -368,8 +374,24 @@ impl Linear {
                 } else {
                     None
                 };
+                // PEFT's placement: dropout on the adapter's input only.
+                let dropout = attached.settings.dropout;
+                let dropped;
+                let adapter_input = if attached.training && dropout > 0.0 {
+                    let keep = Array::from_f32(1.0 - dropout);
+                    let mask = mlx_rs::random::bernoulli(&keep, x.shape(), None)
+                        .and_then(|m| m.as_dtype(x.dtype()))
+                        .context(ctx)?;
+                    dropped = x
+                        .multiply(&mask)
+                        .and_then(|d| d.divide(&keep))
+                        .context(ctx)?;
+                    &dropped
+                } else {
+                    x
+                };
                 attached.method.forward(
-                    x,
+                    adapter_input,
                     &output,
                     weight.as_ref(),
                     &self.adapter_params(),
