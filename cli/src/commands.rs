@@ -620,7 +620,7 @@ pub fn demo(model: Option<&Path>) -> Result<()> {
                 .tempdir()
                 .context("creating a temporary directory for the bundled model")?;
             let dir = _scratch.path().to_path_buf();
-            for (name, data) in DEMO_FILES {
+            for (name, data) in DEMO_FILES.iter().chain(&crate::demo_train::TOKENIZER_FILES) {
                 std::fs::write(dir.join(name), data)
                     .with_context(|| format!("writing the bundled model to {}", dir.display()))?;
             }
@@ -672,6 +672,13 @@ pub fn demo(model: Option<&Path>) -> Result<()> {
         let prompt: Vec<i32> = ids[..shape[1]].to_vec();
         let generated = greedy(loaded.model.as_mut(), &prompt, 8)?;
         println!("greedy continuation of {prompt:?}: {generated:?}");
+    }
+    if model.is_none() {
+        let work = tempfile::Builder::new()
+            .prefix("zoo-demo-train-")
+            .tempdir()
+            .context("creating a temporary directory for the training demo")?;
+        crate::demo_train::run(&dir, work.path())?;
     }
     Ok(())
 }

@@ -59,7 +59,7 @@ pub struct FinetuneArgs {
     /// Adapter alpha (scale alpha / rank).
     #[arg(long, default_value_t = 32.0)]
     pub lora_alpha: f32,
-    /// Adapter dropout (recorded in the adapter config; not applied yet).
+    /// Dropout on the adapters' input during training (as PEFT places it).
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f32,
     /// Target modules, comma-separated (default: the architecture's).
@@ -228,9 +228,6 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
                     layers.len()
                 );
             }
-            if args.lora_dropout > 0.0 {
-                tracing::warn!("--lora-dropout is recorded in the adapter config but not applied during training yet");
-            }
         }
     }
     let tokenizer_dir = args.tokenizer.as_deref().unwrap_or(&args.model);
@@ -365,5 +362,119 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     for path in written {
         println!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+/// Arguments of `zoo plan`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PlanArgs {
+    /// A model directory or a repo id (org/name@revision).
+    pub model: PathBuf,
+    /// What would train.
+    #[arg(long, value_enum, default_value = "lora")]
+    pub train_type: TrainType,
+    /// Bits of the quantized base (qlora).
+    #[arg(long, default_value_t = 4)]
+    pub q_bits: u8,
+    /// Group size of the quantized base (qlora).
+    #[arg(long, default_value_t = 64)]
+    pub q_group_size: usize,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
+    /// Target modules, comma-separated (default: the architecture's).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    /// Optimizer: adamw, sgd or adafactor.
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `zoo plan`.
+pub fn plan(args: &PlanArgs) -> Result<()> {
+    use mlx_zoo::train::{PlanMethod, PlanSettings};
+    let registry = mlx_zoo::registry()?;
+    let inspection = loader::inspect(&registry, &args.model)
+        .with_context(|| format!("inspecting {}", args.model.display()))?;
+    let targets = if args.lora_targets.is_empty() {
+        registry
+            .architectures()
+            .into_iter()
+            .find(|a| a.name == inspection.architecture)
+            .map(|a| a.default_adapter_targets)
+            .unwrap_or_default()
+    } else {
+        args.lora_targets.clone()
+    };
+    let method = match args.train_type {
+        TrainType::Full => PlanMethod::Full,
+        TrainType::Dora => PlanMethod::Adapter {
+            rank: args.lora_rank,
+            dora: true,
+        },
+        _ => PlanMethod::Adapter {
+            rank: args.lora_rank,
+            dora: false,
+        },
+    };
+    let quantization =
+        (args.train_type == TrainType::Qlora).then_some(mlx_zoo::quantize::QuantSettings {
+            bits: args.q_bits,
+            group_size: args.q_group_size,
+        });
+    if let Some(q) = quantization {
+        q.check().context("--q-bits / --q-group-size")?;
+    }
+    let settings = PlanSettings {
+        method,
+        quantization,
+        targets,
+        batch_size: args.batch_size,
+        seq_len: args.max_seq_len,
+        optimizer: args.optimizer.parse()?,
+    };
+    let estimate = mlx_zoo::train::plan(&inspection, &settings);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"settings": settings, "estimate": estimate})
+            )?
+        );
+        return Ok(());
+    }
+    let mib = |b: u64| format!("{:10.1} MiB", b as f64 / (1 << 20) as f64);
+    println!(
+        "{} ({}), {:?}, batch {} x {} tokens, {}",
+        args.model.display(),
+        inspection.architecture,
+        args.train_type,
+        args.batch_size,
+        args.max_seq_len,
+        args.optimizer
+    );
+    println!("  weights      {}", mib(estimate.weights));
+    println!(
+        "  adapters     {}  ({} layers)",
+        mib(estimate.adapters),
+        estimate.adapted_layers
+    );
+    println!(
+        "  gradients    {}  ({} trainable parameters)",
+        mib(estimate.gradients),
+        estimate.trainable_parameters
+    );
+    println!("  optimizer    {}", mib(estimate.optimizer));
+    println!("  activations  {}", mib(estimate.activations));
+    println!("  total        {}  (expected peak)", mib(estimate.total));
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! ids, fetched into the hub cache first.
 
 mod commands;
+mod demo_train;
 mod finetune;
 mod npy;
 mod sources;
@@ -40,11 +41,14 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the bundled tiny LLaMA: resolve, map, load, compare its logits
-    /// with transformers' and decode a few tokens.
+    /// with transformers' and decode a few tokens; then fully fine-tune it
+    /// on a few sentences, quantize it to 4 bits and QLoRA-tune it on a few
+    /// questions, generating before and after each stage.
     ///
     /// Example: zoo demo
     Demo {
-        /// Use this model directory instead of the bundled one.
+        /// Use this model directory instead of the bundled one (inspection,
+        /// parity and decoding only; no training stages).
         #[arg(long)]
         model: Option<PathBuf>,
     },
@@ -239,6 +243,13 @@ enum Command {
     ///           zoo finetune ./TinyLlama --data train.jsonl --train-type qlora --q-bits 4 --mask-prompt
     ///           zoo finetune ./TinyLlama --data ./data --out ./run --resume ./run/checkpoints/step-000100
     Finetune(finetune::FinetuneArgs),
+    /// Estimate the memory of a training run before loading anything:
+    /// weights (float or quantized), adapters, gradients, optimizer state and
+    /// activations for the batch.
+    ///
+    /// Examples: zoo plan ./TinyLlama --train-type qlora --q-bits 4 --batch-size 4 --max-seq-len 512
+    ///           zoo plan ./TinyLlama --train-type full --optimizer adafactor --json
+    Plan(finetune::PlanArgs),
     /// Compute logits for token ids and write them as a float32 .npy of
     /// shape [batch, seq, vocab].
     ///
@@ -324,6 +335,7 @@ fn fetch_sources(command: &mut Command, quiet: bool) -> anyhow::Result<()> {
             *model = local_dir(model, quiet)?;
             local_dir_opt(adapter, quiet)?;
         }
+        Command::Plan(args) => args.model = local_dir(&args.model, quiet)?,
         Command::Finetune(args) => {
             args.model = local_dir(&args.model, quiet)?;
             local_dir_opt(&mut args.tokenizer, quiet)?;
@@ -344,6 +356,7 @@ fn main() -> ExitCode {
     let quiet = cli.quiet;
     let result = match cli.command {
         Command::Finetune(args) => finetune::finetune(&args, quiet),
+        Command::Plan(args) => finetune::plan(&args),
         Command::Demo { model } => commands::demo(model.as_deref()),
         Command::Archs { json } => commands::archs(json),
         Command::Info { json } => commands::info(json),

@@ -150,6 +150,17 @@ fn demo_runs_on_the_bundled_model() {
     let out = stdout(&zoo(&["demo"]));
     assert!(out.contains("(match)"), "{out}");
     assert!(out.contains("greedy continuation"), "{out}");
+    // The training stages: the sentence is learned, survives 4-bit
+    // quantization, and QLoRA teaches the answers.
+    assert!(
+        out.contains(r#"after:  "the zoo " -> "keeps llamas, mistrals, phis and qwens.""#),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"4-bit: "the zoo " -> "keeps llamas, mistrals, phis and qwens.""#),
+        "{out}"
+    );
+    assert!(out.contains("4 of 4 answers right"), "{out}");
 }
 
 #[test]
@@ -549,4 +560,73 @@ fn finetune_trains_resumes_and_writes_adapters_in_both_formats() {
     let bad = run(&dir.path().join("bad"), &["--decay", "wavy"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--decay wavy"));
+}
+
+/// Peak memory `zoo finetune` measured against what `zoo plan` predicted,
+/// for LoRA, QLoRA and full fine-tuning on a batch where activations
+/// dominate.
+#[test]
+fn plan_predicts_the_measured_peak() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    let lines: Vec<String> = (0..16)
+        .map(|i| serde_json::json!({"text": format!("{i} ").repeat(100)}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let model = fixture("llama-gqa");
+    let tokenizer = tokenizer_dir();
+    for kind in ["lora", "qlora", "full"] {
+        let common = [
+            "--train-type",
+            kind,
+            "--q-bits",
+            "4",
+            "--q-group-size",
+            "32",
+            "--lora-rank",
+            "8",
+            "--lora-targets",
+            "q_proj,k_proj,v_proj,o_proj",
+            "--batch-size",
+            "8",
+            "--max-seq-len",
+            "128",
+        ];
+        let mut plan_args = vec!["plan", model.to_str().unwrap(), "--json"];
+        plan_args.extend_from_slice(&common);
+        let plan: serde_json::Value = serde_json::from_str(&stdout(&zoo(&plan_args))).unwrap();
+        let estimate = plan["estimate"]["total"].as_f64().unwrap();
+        let out = dir.path().join(kind);
+        let mut run_args = vec![
+            "-q",
+            "finetune",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--iters",
+            "2",
+        ];
+        run_args.extend_from_slice(&common);
+        stdout(&zoo(&run_args));
+        let peak = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()?
+                    .get("peak_memory")?
+                    .as_f64()
+            })
+            .fold(0f64, f64::max);
+        let ratio = peak / estimate;
+        eprintln!("{kind}: estimate {estimate} measured {peak} ratio {ratio:.2}");
+        assert!(
+            (0.67..1.5).contains(&ratio),
+            "{kind}: measured peak {peak} against the plan's {estimate}"
+        );
+    }
 }

@@ -114,6 +114,12 @@ pub struct LayerSummary {
     pub quantization: Option<QuantSettings>,
     /// Bytes of its tensors (weight, scales, biases, bias) in the checkpoint.
     pub bytes: u64,
+    /// Input features.
+    pub input: usize,
+    /// Output features.
+    pub output: usize,
+    /// Experts stacked in it (1 for a plain layer).
+    pub experts: usize,
 }
 
 /// A loaded model.
@@ -485,10 +491,18 @@ pub fn inspect(registry: &Registry, dir: &Path) -> Result<Inspection> {
                 shape.iter().product::<i64>() as u64 * dtype_bytes(dtype)
             })
             .sum();
+        let shape = layer.weight.as_ref().shape();
         layers.push(LayerSummary {
             path: path.to_owned(),
             quantization: layer.quantization,
             bytes,
+            input: layer.input_dims(),
+            output: layer.output_dims(),
+            experts: if shape.len() == 3 {
+                shape[0] as usize
+            } else {
+                1
+            },
         });
         Ok(())
     })?;

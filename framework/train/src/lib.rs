@@ -15,6 +15,7 @@ pub mod data;
 pub mod error;
 pub mod loss;
 pub mod optim;
+pub mod plan;
 pub mod schedule;
 pub mod trainer;
 
@@ -23,6 +24,7 @@ pub use data::{load_dataset, DataOptions, Dataset, Example, Record};
 pub use error::{Result, TrainError};
 pub use loss::masked_cross_entropy;
 pub use optim::{Optimizer, OptimizerKind};
+pub use plan::{plan, MemoryPlan, PlanMethod, PlanSettings};
 pub use schedule::{Decay, Schedule};
 pub use trainer::{
     global_norm, loss_and_grad, RunSummary, StepReport, TrainConfig, TrainHooks, Trainer,
