@@ -7,6 +7,10 @@ random weights in a cache directory, optionally a 4-bit copy with
 `zoo generate --json` and through mlx-lm's `stream_generate`, three times
 each, and prints prompt and generation tokens/s and the ratios.
 
+The PyPI mlx-cpu wheel bundles the reference BLAS; point its libmlx at
+OpenBLAS for a fair comparison (see scripts/bench_train.py and
+docs/BENCHMARKS.md).
+
     cargo build --release -p mlx-zoo-cli
     python -m venv ~/.venvs/zoo-mlxlm && ~/.venvs/zoo-mlxlm/bin/pip install -r tests/fixtures/requirements-mlx.txt
     ~/.venvs/zoo-mlxlm/bin/python scripts/bench_generate.py
