@@ -115,9 +115,10 @@ pub struct Hub {
 impl Hub {
     /// A client with these settings (no network traffic yet).
     pub fn new(options: HubOptions) -> Result<Self, HubError> {
-        let api = ApiBuilder::new()
+        // `ApiBuilder::new` would look up the home directory (and panic
+        // without one); the cache directory is already decided.
+        let api = ApiBuilder::from_cache(hf_hub::Cache::new(options.cache_dir.clone()))
             .with_endpoint(options.endpoint.clone())
-            .with_cache_dir(options.cache_dir.clone())
             .with_token(options.token.clone())
             // Retries are ours (`fetch_file`): hf-hub 0.4's own loop reports
             // failure even when its last attempt succeeds.
