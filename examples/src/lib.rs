@@ -1,0 +1,1 @@
+//! Runnable examples of embedding mlx-zoo; see the `examples` targets.
