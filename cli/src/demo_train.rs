@@ -45,12 +45,10 @@ const QUESTIONS: [(&str, &str); 4] = [
 /// Prints every `every`-th step's loss.
 struct Every {
     every: usize,
-    losses: Vec<f32>,
 }
 
 impl TrainHooks for Every {
     fn on_step(&mut self, r: &StepReport) {
-        self.losses.push(r.loss);
         if r.step == 1 || r.step % self.every == 0 {
             println!(
                 "  step {:>3}  loss {:.3}  ({:.0} tokens/s)",
@@ -124,10 +122,7 @@ pub fn run(dir: &Path, scratch: &Path) -> Result<()> {
     let data = load_dataset(&text_data, &tokenizer, &data_options)?;
     let pad = tokenizer.eos_ids().first().copied().unwrap_or(0);
     let mut trainer = Trainer::new(config(120, 3e-3), &data, pad)?;
-    let mut hooks = Every {
-        every: 30,
-        losses: Vec::new(),
-    };
+    let mut hooks = Every { every: 30 };
     trainer.run(
         loaded.model.as_mut(),
         &data,
@@ -198,10 +193,7 @@ pub fn run(dir: &Path, scratch: &Path) -> Result<()> {
     let layers = quantized.apply_adapter(&registry, "lora", adapter, &targets)?;
     println!("  lora rank 16 on {} quantized layers", layers.len());
     let mut trainer = Trainer::new(config(300, 3e-3), &data, pad)?;
-    let mut hooks = Every {
-        every: 100,
-        losses: Vec::new(),
-    };
+    let mut hooks = Every { every: 100 };
     trainer.run(
         quantized.model.as_mut(),
         &data,

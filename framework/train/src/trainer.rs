@@ -280,10 +280,7 @@ impl Trainer {
             let weight = Array::from_f32(batch.loss_tokens as f32);
             loss_sum += loss as f64 * batch.loss_tokens as f64;
             loss_tokens += batch.loss_tokens;
-            accumulated = Some(match accumulated {
-                None => weigh(&grads, &weight, None)?,
-                Some(acc) => weigh(&grads, &weight, Some(acc))?,
-            });
+            accumulated = Some(weigh(&grads, &weight, accumulated)?);
         }
         let Some(accumulated) = accumulated else {
             return Err(TrainError::InvalidSetting(
