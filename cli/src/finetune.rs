@@ -30,6 +30,41 @@ pub enum TrainType {
     Full,
 }
 
+/// The options `zoo finetune` and `zoo plan` share: what trains, the
+/// quantized base, the adapters' rank and targets, the batch shape, the
+/// optimizer and gradient checkpointing.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunShape {
+    /// What to train.
+    #[arg(long, value_enum, default_value = "lora")]
+    pub train_type: TrainType,
+    /// Bits of the quantized base (qlora).
+    #[arg(long, default_value_t = 4)]
+    pub q_bits: u8,
+    /// Group size of the quantized base (qlora).
+    #[arg(long, default_value_t = 64)]
+    pub q_group_size: usize,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
+    /// Target modules, comma-separated (default: the architecture's).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Longest sequence in tokens (longer ones are cut, and counted).
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    /// Optimizer: adamw, sgd or adafactor.
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Recompute each block's activations in the backward pass instead of
+    /// keeping them: less memory, about a third more compute.
+    #[arg(long)]
+    pub grad_checkpoint: bool,
+}
+
 /// Arguments of `zoo finetune`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FinetuneArgs {
@@ -44,30 +79,15 @@ pub struct FinetuneArgs {
     /// Read the tokenizer from this directory instead of MODEL.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// What to train.
-    #[arg(long, value_enum, default_value = "lora")]
-    pub train_type: TrainType,
-    /// Bits of the quantized base (qlora).
-    #[arg(long, default_value_t = 4)]
-    pub q_bits: u8,
-    /// Group size of the quantized base (qlora).
-    #[arg(long, default_value_t = 64)]
-    pub q_group_size: usize,
-    /// Adapter rank.
-    #[arg(long, default_value_t = 16)]
-    pub lora_rank: usize,
+    /// What trains, on what, in what batches.
+    #[command(flatten)]
+    pub shape: RunShape,
     /// Adapter alpha (scale alpha / rank).
     #[arg(long, default_value_t = 32.0)]
     pub lora_alpha: f32,
     /// Dropout on the adapters' input during training (as PEFT places it).
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f32,
-    /// Target modules, comma-separated (default: the architecture's).
-    #[arg(long, value_delimiter = ',')]
-    pub lora_targets: Vec<String>,
-    /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
@@ -83,18 +103,12 @@ pub struct FinetuneArgs {
     /// Decay after warmup: constant, linear or cosine.
     #[arg(long, default_value = "cosine")]
     pub decay: String,
-    /// Optimizer: adamw, sgd or adafactor.
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
     /// Weight decay.
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f32,
     /// Clip gradients to this global norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
-    /// Longest sequence in tokens (longer ones are cut, and counted).
-    #[arg(long, default_value_t = 512)]
-    pub max_seq_len: usize,
     /// Loss on completions / the last chat message only.
     #[arg(long)]
     pub mask_prompt: bool,
@@ -181,19 +195,19 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         "cosine" => Decay::Cosine,
         other => bail!("--decay {other}: expected constant, linear or cosine"),
     };
-    let optimizer: OptimizerKind = args.optimizer.parse()?;
+    let optimizer: OptimizerKind = args.shape.optimizer.parse()?;
     let mut options = LoadOptions::default();
-    if args.train_type == TrainType::Qlora {
+    if args.shape.train_type == TrainType::Qlora {
         let settings = mlx_zoo::quantize::QuantSettings {
-            bits: args.q_bits,
-            group_size: args.q_group_size,
+            bits: args.shape.q_bits,
+            group_size: args.shape.q_group_size,
         };
         settings.check().context("--q-bits / --q-group-size")?;
         options.quantize = Some(mlx_zoo::quantize::QuantPlan::uniform(settings));
     }
     let mut loaded = loader::load(&registry, &args.model, &options)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    match args.train_type {
+    match args.shape.train_type {
         TrainType::Full => {
             if !loaded.quantization.quantized.is_empty() {
                 bail!(
@@ -209,13 +223,13 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
                 "lora"
             };
             let settings = AdapterSettings {
-                rank: args.lora_rank,
+                rank: args.shape.lora_rank,
                 alpha: args.lora_alpha,
                 dropout: args.lora_dropout,
                 rslora: false,
             };
             let targets = AdapterTargets {
-                modules: args.lora_targets.clone(),
+                modules: args.shape.lora_targets.clone(),
                 ..Default::default()
             };
             let layers = loaded
@@ -224,17 +238,26 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
             if !quiet {
                 eprintln!(
                     "{method} rank {} on {} layers",
-                    args.lora_rank,
+                    args.shape.lora_rank,
                     layers.len()
                 );
             }
+        }
+    }
+    if args.shape.grad_checkpoint {
+        loaded
+            .model
+            .set_gradient_checkpointing(true)
+            .with_context(|| format!("--grad-checkpoint on {}", loaded.architecture))?;
+        if !quiet {
+            eprintln!("gradient checkpointing: each block recomputed in the backward pass");
         }
     }
     let tokenizer_dir = args.tokenizer.as_deref().unwrap_or(&args.model);
     let tokenizer = mlx_zoo::tokenizer::Tokenizer::from_dir(tokenizer_dir)
         .with_context(|| format!("reading the tokenizer of {}", tokenizer_dir.display()))?;
     let data_options = DataOptions {
-        max_seq_len: args.max_seq_len,
+        max_seq_len: args.shape.max_seq_len,
         mask_prompt: args.mask_prompt,
         valid_fraction: 0.1,
     };
@@ -246,14 +269,17 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
             data.valid.len(),
             data.train_loss_tokens,
             if data.truncated > 0 {
-                format!(", {} cut to {} tokens", data.truncated, args.max_seq_len)
+                format!(
+                    ", {} cut to {} tokens",
+                    data.truncated, args.shape.max_seq_len
+                )
             } else {
                 String::new()
             }
         );
     }
     let config = TrainConfig {
-        batch_size: args.batch_size,
+        batch_size: args.shape.batch_size,
         grad_accum: args.grad_accum,
         iters: args.iters,
         schedule: Schedule {
@@ -325,7 +351,7 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         return Ok(());
     }
     let base = args.model.display().to_string();
-    let written = if args.train_type == TrainType::Full {
+    let written = if args.shape.train_type == TrainType::Full {
         let dir = args.out.join("model");
         mlx_zoo::export::save_mlx_model(&loaded, &args.model, &dir, &Default::default())?;
         vec![dir]
@@ -370,30 +396,9 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
 pub struct PlanArgs {
     /// A model directory or a repo id (org/name@revision).
     pub model: PathBuf,
-    /// What would train.
-    #[arg(long, value_enum, default_value = "lora")]
-    pub train_type: TrainType,
-    /// Bits of the quantized base (qlora).
-    #[arg(long, default_value_t = 4)]
-    pub q_bits: u8,
-    /// Group size of the quantized base (qlora).
-    #[arg(long, default_value_t = 64)]
-    pub q_group_size: usize,
-    /// Adapter rank.
-    #[arg(long, default_value_t = 16)]
-    pub lora_rank: usize,
-    /// Target modules, comma-separated (default: the architecture's).
-    #[arg(long, value_delimiter = ',')]
-    pub lora_targets: Vec<String>,
-    /// Sequences per micro-batch.
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 512)]
-    pub max_seq_len: usize,
-    /// Optimizer: adamw, sgd or adafactor.
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
+    /// What would train, on what, in what batches.
+    #[command(flatten)]
+    pub shape: RunShape,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -405,7 +410,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     let registry = mlx_zoo::registry()?;
     let inspection = loader::inspect(&registry, &args.model)
         .with_context(|| format!("inspecting {}", args.model.display()))?;
-    let targets = if args.lora_targets.is_empty() {
+    let targets = if args.shape.lora_targets.is_empty() {
         registry
             .architectures()
             .into_iter()
@@ -413,23 +418,23 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             .map(|a| a.default_adapter_targets)
             .unwrap_or_default()
     } else {
-        args.lora_targets.clone()
+        args.shape.lora_targets.clone()
     };
-    let method = match args.train_type {
+    let method = match args.shape.train_type {
         TrainType::Full => PlanMethod::Full,
         TrainType::Dora => PlanMethod::Adapter {
-            rank: args.lora_rank,
+            rank: args.shape.lora_rank,
             dora: true,
         },
         _ => PlanMethod::Adapter {
-            rank: args.lora_rank,
+            rank: args.shape.lora_rank,
             dora: false,
         },
     };
     let quantization =
-        (args.train_type == TrainType::Qlora).then_some(mlx_zoo::quantize::QuantSettings {
-            bits: args.q_bits,
-            group_size: args.q_group_size,
+        (args.shape.train_type == TrainType::Qlora).then_some(mlx_zoo::quantize::QuantSettings {
+            bits: args.shape.q_bits,
+            group_size: args.shape.q_group_size,
         });
     if let Some(q) = quantization {
         q.check().context("--q-bits / --q-group-size")?;
@@ -438,9 +443,10 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         method,
         quantization,
         targets,
-        batch_size: args.batch_size,
-        seq_len: args.max_seq_len,
-        optimizer: args.optimizer.parse()?,
+        batch_size: args.shape.batch_size,
+        seq_len: args.shape.max_seq_len,
+        optimizer: args.shape.optimizer.parse()?,
+        grad_checkpoint: args.shape.grad_checkpoint,
     };
     let estimate = mlx_zoo::train::plan(&inspection, &settings);
     if args.json {
@@ -454,13 +460,18 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     }
     let mib = |b: u64| format!("{:10.1} MiB", b as f64 / (1 << 20) as f64);
     println!(
-        "{} ({}), {:?}, batch {} x {} tokens, {}",
+        "{} ({}), {:?}, batch {} x {} tokens, {}{}",
         args.model.display(),
         inspection.architecture,
-        args.train_type,
-        args.batch_size,
-        args.max_seq_len,
-        args.optimizer
+        args.shape.train_type,
+        args.shape.batch_size,
+        args.shape.max_seq_len,
+        args.shape.optimizer,
+        if args.shape.grad_checkpoint {
+            ", gradient checkpointing"
+        } else {
+            ""
+        }
     );
     println!("  weights      {}", mib(estimate.weights));
     println!(

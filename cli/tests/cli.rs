@@ -563,8 +563,9 @@ fn finetune_trains_resumes_and_writes_adapters_in_both_formats() {
 }
 
 /// Peak memory `zoo finetune` measured against what `zoo plan` predicted,
-/// for LoRA, QLoRA and full fine-tuning on a batch where activations
-/// dominate.
+/// for LoRA, QLoRA and full fine-tuning, and LoRA with gradient
+/// checkpointing (whose peak must also be the lower), on a batch where
+/// activations dominate.
 #[test]
 fn plan_predicts_the_measured_peak() {
     let dir = tempfile::tempdir().unwrap();
@@ -575,8 +576,14 @@ fn plan_predicts_the_measured_peak() {
     std::fs::write(&data, lines.join("\n")).unwrap();
     let model = fixture("llama-gqa");
     let tokenizer = tokenizer_dir();
-    for kind in ["lora", "qlora", "full"] {
-        let common = [
+    let mut peaks = std::collections::BTreeMap::new();
+    for (kind, checkpoint) in [
+        ("lora", false),
+        ("qlora", false),
+        ("full", false),
+        ("lora", true),
+    ] {
+        let mut common = vec![
             "--train-type",
             kind,
             "--q-bits",
@@ -592,11 +599,15 @@ fn plan_predicts_the_measured_peak() {
             "--max-seq-len",
             "128",
         ];
+        if checkpoint {
+            common.push("--grad-checkpoint");
+        }
+        let kind = format!("{kind}{}", if checkpoint { "+checkpoint" } else { "" });
         let mut plan_args = vec!["plan", model.to_str().unwrap(), "--json"];
         plan_args.extend_from_slice(&common);
         let plan: serde_json::Value = serde_json::from_str(&stdout(&zoo(&plan_args))).unwrap();
         let estimate = plan["estimate"]["total"].as_f64().unwrap();
-        let out = dir.path().join(kind);
+        let out = dir.path().join(&kind);
         let mut run_args = vec![
             "-q",
             "finetune",
@@ -628,5 +639,10 @@ fn plan_predicts_the_measured_peak() {
             (0.67..1.5).contains(&ratio),
             "{kind}: measured peak {peak} against the plan's {estimate}"
         );
+        peaks.insert(kind, peak);
     }
+    assert!(
+        peaks["lora+checkpoint"] < 0.85 * peaks["lora"],
+        "checkpointing does not lower the peak: {peaks:?}"
+    );
 }

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod hub_server;
+pub mod random_model;
 
 use mlx_rs::Array;
 use mlx_zoo::loader::{self, LoadOptions, LoadedModel};

@@ -150,65 +150,17 @@ fn stop_tokens_end_generation_and_bad_prompts_are_refused() {
 /// A random llama whose heads are 32 wide (the fixtures' are 16, below
 /// MLX's smallest quantization group), saved in `dir`.
 fn random_llama(dir: &std::path::Path, sliding_window: Option<usize>) {
-    let (hidden, heads, kv_heads, head_dim, inter, vocab, layers) = (64, 2, 1, 32, 96, 64, 2);
-    let model_type = if sliding_window.is_some() {
-        "mistral"
-    } else {
-        "llama"
-    };
-    let config = serde_json::json!({
-        "model_type": model_type,
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "vocab_size": vocab,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": false,
-        "sliding_window": sliding_window,
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let mut next = 0;
-    let mut random = |shape: &[i32], scale: f32| {
-        next += 1;
-        let key = mlx_rs::random::key(next).unwrap();
-        mlx_rs::random::normal::<f32>(shape, 0.0, scale, &key).unwrap()
-    };
-    let mut tensors = std::collections::BTreeMap::new();
-    tensors.insert(
-        "model.embed_tokens.weight".to_string(),
-        random(&[vocab, hidden], 1.0),
-    );
-    tensors.insert("lm_head.weight".to_string(), random(&[vocab, hidden], 0.2));
-    tensors.insert(
-        "model.norm.weight".to_string(),
-        mlx_rs::ops::ones::<f32>(&[hidden]).unwrap(),
-    );
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("self_attn.q_proj", [heads * head_dim, hidden]),
-            ("self_attn.k_proj", [kv_heads * head_dim, hidden]),
-            ("self_attn.v_proj", [kv_heads * head_dim, hidden]),
-            ("self_attn.o_proj", [hidden, heads * head_dim]),
-            ("mlp.gate_proj", [inter, hidden]),
-            ("mlp.up_proj", [inter, hidden]),
-            ("mlp.down_proj", [hidden, inter]),
-        ] {
-            tensors.insert(format!("{p}.{name}.weight"), random(&shape, 0.15));
-        }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            tensors.insert(
-                format!("{p}.{norm}.weight"),
-                mlx_rs::ops::ones::<f32>(&[hidden]).unwrap(),
-            );
-        }
+    mlx_zoo_tests::random_model::RandomLlama {
+        hidden: 64,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 32,
+        intermediate: 96,
+        vocab: 64,
+        layers: 2,
+        sliding_window,
     }
-    mlx_rs::Array::save_safetensors(tensors, None, dir.join("model.safetensors")).unwrap();
+    .write(dir);
 }
 
 /// Logits of every step decoding `ids` one token at a time with `cache`.

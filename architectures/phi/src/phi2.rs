@@ -11,12 +11,13 @@
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Module;
 use mlx_rs::Array;
+use mlx_zoo_core::cache::LayerKv;
 use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::model::LinearVisitor;
 use mlx_zoo_core::nn::{
-    causal_mask, embedding, layer_norm, linear, Activation, Attention, AttentionConfig, Embedding,
-    GeluMlp, LayerNorm, Linear, Rope, RopeScaling,
+    causal_mask, checkpointed, embedding, layer_norm, linear, Activation, Attention,
+    AttentionConfig, AttentionMask, Embedding, GeluMlp, LayerNorm, Linear, Rope, RopeScaling,
 };
 use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
@@ -154,7 +155,7 @@ impl ModelConfig for PhiConfig {
 }
 
 /// One parallel block.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct PhiBlock {
     /// The shared input norm.
     #[param]
@@ -165,6 +166,24 @@ pub struct PhiBlock {
     /// MLP.
     #[param]
     pub mlp: GeluMlp,
+}
+
+impl PhiBlock {
+    /// `x + attn(norm(x)) + mlp(norm(x))`.
+    pub fn forward(
+        &mut self,
+        x: &Array,
+        mask: &AttentionMask,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Array> {
+        let h = self
+            .input_layernorm
+            .forward(x)
+            .context(|| "running a phi block".to_owned())?;
+        let attended = self.self_attn.forward(&h, mask, cache)?;
+        let fed = self.mlp.forward(&h)?;
+        Ok(x + attended + fed)
+    }
 }
 
 /// The stack under `model.`.
@@ -191,6 +210,7 @@ pub struct Phi {
     #[param]
     pub lm_head: Linear,
     dims: ModelDims,
+    gradient_checkpointing: bool,
 }
 
 impl Phi {
@@ -229,6 +249,7 @@ impl Phi {
             },
             lm_head: linear(dims.hidden_size, dims.vocab_size, true)?,
             dims,
+            gradient_checkpointing: false,
         })
     }
 }
@@ -238,13 +259,20 @@ impl CausalLm for Phi {
         let ctx = || "running the phi model".to_owned();
         let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0) as usize;
         let mask = causal_mask(tokens.shape()[1] as usize, offset, None)?;
+        let checkpoint = self.gradient_checkpointing && cache.is_none();
+        let random = checkpoint && self.draws_random()?;
         let mut x = self.model.embed_tokens.embed(tokens)?;
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
-            let h = layer.input_layernorm.forward(&x).context(ctx)?;
-            let attended = layer.self_attn.forward(&h, &mask, layer_cache)?;
-            let fed = layer.mlp.forward(&h)?;
-            x = x + attended + fed;
+            x = if checkpoint {
+                let mask = mask.clone();
+                checkpointed(layer, &[x], random, move |block, inputs| {
+                    Ok(vec![block.forward(&inputs[0], &mask, None)?])
+                })?
+                .remove(0)
+            } else {
+                let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
+                layer.forward(&x, &mask, layer_cache)?
+            };
         }
         let x = self.model.final_layernorm.forward(&x).context(ctx)?;
         self.lm_head.forward(&x)
@@ -252,6 +280,15 @@ impl CausalLm for Phi {
 
     fn dims(&self) -> ModelDims {
         self.dims.clone()
+    }
+
+    fn set_gradient_checkpointing(&mut self, enabled: bool) -> Result<()> {
+        self.gradient_checkpointing = enabled;
+        Ok(())
+    }
+
+    fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     fn visit_linears(&mut self, visit: &mut LinearVisitor<'_>) -> Result<()> {

@@ -25,7 +25,7 @@ use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::model::LinearVisitor;
 use mlx_zoo_core::nn::{
-    causal_mask, embedding, linear, rms_norm, AttentionMask, Embedding, Linear, Rope,
+    causal_mask, checkpointed, embedding, linear, rms_norm, AttentionMask, Embedding, Linear, Rope,
 };
 use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
@@ -183,7 +183,7 @@ impl ModelConfig for QwenConfig {
 }
 
 /// Qwen's attention: fused `c_attn`, output `c_proj`.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct QwenAttention {
     /// Fused query/key/value projection (with bias).
     #[param]
@@ -194,7 +194,7 @@ pub struct QwenAttention {
 }
 
 /// Qwen's MLP: `c_proj(w1(x) * silu(w2(x)))`.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct QwenMlp {
     /// Up projection.
     #[param]
@@ -208,7 +208,7 @@ pub struct QwenMlp {
 }
 
 /// One block.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct QwenBlock {
     /// Norm before attention.
     #[param]
@@ -222,6 +222,41 @@ pub struct QwenBlock {
     /// MLP.
     #[param]
     pub mlp: QwenMlp,
+}
+
+/// What every block of one forward pass shares.
+#[derive(Debug, Clone)]
+struct BlockInputs {
+    rope: Rope,
+    logn: Option<Array>,
+    mask: AttentionMask,
+    dims: ModelDims,
+}
+
+impl QwenBlock {
+    /// `h + attn(ln_1(h))`, then `+ mlp(ln_2(.))`.
+    fn forward(
+        &mut self,
+        h: &Array,
+        shared: &BlockInputs,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Array> {
+        let ctx = || "running a qwen block".to_owned();
+        let normed = self.ln_1.forward(h).context(ctx)?;
+        let h = h + attention(
+            &mut self.attn,
+            &normed,
+            &shared.rope,
+            shared.logn.as_ref(),
+            &shared.mask,
+            cache,
+            &shared.dims,
+        )?;
+        let normed = self.ln_2.forward(&h).context(ctx)?;
+        let up = self.mlp.w1.forward(&normed)?;
+        let gate = mlx_rs::nn::silu(self.mlp.w2.forward(&normed)?).context(ctx)?;
+        Ok(h + self.mlp.c_proj.forward(&(up * gate))?)
+    }
 }
 
 /// The stack under `transformer.`.
@@ -250,6 +285,7 @@ pub struct Qwen {
     config: QwenConfig,
     /// The dynamic-NTK alpha chosen at the last prefill.
     prefill_alpha: f32,
+    gradient_checkpointing: bool,
 }
 
 impl Qwen {
@@ -288,6 +324,7 @@ impl Qwen {
             },
             config: config.clone(),
             prefill_alpha: 1.0,
+            gradient_checkpointing: false,
         })
     }
 
@@ -384,24 +421,26 @@ impl CausalLm for Qwen {
                 .powf(rotary as f32 / (rotary as f32 - 2.0));
         let rope = Rope::new(rotary, base, None, self.config.max_position_embeddings)?;
         let logn = self.logn_scale(offset, queries);
-        let mask = causal_mask(queries, offset, None)?;
+        let shared = BlockInputs {
+            rope,
+            logn,
+            mask: causal_mask(queries, offset, None)?,
+            dims,
+        };
+        let checkpoint = self.gradient_checkpointing && cache.is_none();
+        let random = checkpoint && self.draws_random()?;
         let mut h = self.transformer.wte.embed(tokens)?;
         for (i, block) in self.transformer.h.iter_mut().enumerate() {
-            let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
-            let normed = block.ln_1.forward(&h).context(ctx)?;
-            h += attention(
-                &mut block.attn,
-                &normed,
-                &rope,
-                logn.as_ref(),
-                &mask,
-                layer_cache,
-                &dims,
-            )?;
-            let normed = block.ln_2.forward(&h).context(ctx)?;
-            let up = block.mlp.w1.forward(&normed)?;
-            let gate = mlx_rs::nn::silu(block.mlp.w2.forward(&normed)?).context(ctx)?;
-            h += block.mlp.c_proj.forward(&(up * gate))?;
+            h = if checkpoint {
+                let shared = shared.clone();
+                checkpointed(block, &[h], random, move |block, inputs| {
+                    Ok(vec![block.forward(&inputs[0], &shared, None)?])
+                })?
+                .remove(0)
+            } else {
+                let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
+                block.forward(&h, &shared, layer_cache)?
+            };
         }
         let h = self.transformer.ln_f.forward(&h).context(ctx)?;
         match &mut self.lm_head {
@@ -412,6 +451,15 @@ impl CausalLm for Qwen {
 
     fn dims(&self) -> ModelDims {
         self.config.dims()
+    }
+
+    fn set_gradient_checkpointing(&mut self, enabled: bool) -> Result<()> {
+        self.gradient_checkpointing = enabled;
+        Ok(())
+    }
+
+    fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     fn visit_linears(&mut self, visit: &mut LinearVisitor<'_>) -> Result<()> {

@@ -91,6 +91,36 @@ pub trait CausalLm: ModuleParameters + std::fmt::Debug {
     /// The model's dimensions.
     fn dims(&self) -> ModelDims;
 
+    /// Turns gradient checkpointing on or off: with it, a forward pass
+    /// without a cache keeps only each block's input for the backward pass
+    /// and recomputes the block there (less memory, one more forward pass).
+    /// Models that cannot do it refuse.
+    fn set_gradient_checkpointing(&mut self, enabled: bool) -> Result<()> {
+        if enabled {
+            Err(crate::error::Error::InvalidArgument(
+                "this model does not support gradient checkpointing".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether gradient checkpointing is on.
+    fn gradient_checkpointing(&self) -> bool {
+        false
+    }
+
+    /// Whether a forward pass draws random numbers (adapter dropout in
+    /// training mode); checkpointed blocks then replay them.
+    fn draws_random(&mut self) -> Result<bool> {
+        let mut random = false;
+        self.visit_linears(&mut |_, layer| {
+            random |= layer.draws_random();
+            Ok(())
+        })?;
+        Ok(random)
+    }
+
     /// An empty cache sized for this model.
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.dims().num_layers)

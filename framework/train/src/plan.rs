@@ -2,7 +2,8 @@
 //! headers alone (nothing is loaded): the weights as they will sit in memory
 //! (float32, or quantized with their scales and biases), the adapters, their
 //! gradients and optimizer state, and the activations a backward pass keeps
-//! for a batch of a given size and length. `zoo plan` prints it; the CLI
+//! for a batch of a given size and length (all blocks', or with gradient
+//! checkpointing each block's input and one block's activations). `zoo plan` prints it; the CLI
 //! test compares it with the peak MLX reports for the same run.
 
 use crate::optim::OptimizerKind;
@@ -39,6 +40,8 @@ pub struct PlanSettings {
     pub seq_len: usize,
     /// The optimizer (its state per trainable parameter).
     pub optimizer: OptimizerKind,
+    /// Blocks recompute their activations in the backward pass.
+    pub grad_checkpoint: bool,
 }
 
 /// The estimate, in bytes.
@@ -136,8 +139,15 @@ pub fn plan(inspection: &Inspection, settings: &PlanSettings) -> MemoryPlan {
     let blocks = dims.num_layers as u64;
     let adapters_per_token = adapted_rank_floats;
     let logits = 3 * dims.vocab_size as u64;
-    let activations =
-        tokens * (blocks * (per_token + attention) + adapters_per_token + logits + h) * F32;
+    // Checkpointed blocks keep only their input; one block at a time holds
+    // its activations while it is recomputed for its backward pass, plus
+    // that backward pass's temporaries (about as much again).
+    let kept_blocks = if settings.grad_checkpoint {
+        blocks * h + 2 * (per_token + attention) + adapters_per_token.div_ceil(blocks.max(1))
+    } else {
+        blocks * (per_token + attention) + adapters_per_token
+    };
+    let activations = tokens * (kept_blocks + logits + h) * F32;
     let adapters = adapter_parameters * F32;
     let gradients = trainable * F32;
     MemoryPlan {

@@ -48,7 +48,7 @@ pub enum AttentionMask {
 }
 
 /// The attention block (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct Attention {
     /// Query projection.
     #[param]

@@ -9,14 +9,15 @@
 //! and `block_sparse_moe.switch_mlp.*` for experts), so a family built on
 //! it maps Hugging Face checkpoints mostly by keeping names.
 
-use super::attention::{Attention, AttentionConfig};
+use super::attention::{Attention, AttentionConfig, AttentionMask};
 use super::layers::{rms_norm, RmsNorm};
 use super::linear::{embedding, linear, Embedding, Linear};
 use super::mask::causal_mask_stored;
 use super::mlp::{Activation, SwiGlu};
 use super::moe::SparseMoe;
+use super::recompute::checkpointed;
 use super::rope::Rope;
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerKv};
 use crate::error::{Error, MlxContext, Result};
 use crate::model::{CausalLm, LinearVisitor, ModelDims};
 use mlx_rs::macros::ModuleParameters;
@@ -60,7 +61,7 @@ pub struct DecoderConfig {
 }
 
 /// One block.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct DecoderBlock {
     /// Attention.
     #[param]
@@ -105,6 +106,64 @@ pub struct Decoder {
     pub lm_head: Option<Linear>,
     dims: ModelDims,
     rebuild_after: Option<usize>,
+    gradient_checkpointing: bool,
+}
+
+impl DecoderBlock {
+    /// `h + attn(norm(h))`, then `+ mlp(norm(.))`, for `h` of shape
+    /// `[batch, seq, hidden]`.
+    pub fn forward(
+        &mut self,
+        h: &Array,
+        mask: &AttentionMask,
+        cache: Option<&mut LayerKv>,
+    ) -> Result<Array> {
+        let ctx = || "running a decoder block".to_owned();
+        let normed = self.input_layernorm.forward(h).context(ctx)?;
+        let h = h + self.self_attn.forward(&normed, mask, cache)?;
+        let normed = self.post_attention_layernorm.forward(&h).context(ctx)?;
+        let fed = match (&mut self.mlp, &mut self.block_sparse_moe) {
+            (Some(mlp), _) => mlp.forward(&normed)?,
+            (None, Some(moe)) => moe.forward(&normed)?,
+            (None, None) => unreachable!("a block has a dense MLP or experts"),
+        };
+        Ok(h + fed)
+    }
+
+    /// The block's forward pass under gradient checkpointing: only `h` is
+    /// kept for the backward pass, which recomputes the rest (drawing the
+    /// same random numbers when `random`).
+    pub fn forward_checkpointed(
+        &mut self,
+        h: &Array,
+        mask: &AttentionMask,
+        random: bool,
+    ) -> Result<Array> {
+        let mask = mask.clone();
+        let outputs = checkpointed(
+            self,
+            std::slice::from_ref(h),
+            random,
+            move |block, inputs| Ok(vec![block.forward(&inputs[0], &mask, None)?]),
+        )?;
+        Ok(outputs.into_iter().next().expect("one output per input"))
+    }
+
+    /// Visits the block's linear layers under `prefix` (`self_attn.*`,
+    /// `mlp.*` or `block_sparse_moe.*`).
+    pub fn visit_linears(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) -> Result<()> {
+        self.self_attn
+            .visit_linears(&format!("{prefix}.self_attn"), visit)?;
+        if let Some(mlp) = &mut self.mlp {
+            mlp.visit_linears(&format!("{prefix}.mlp"), visit)?;
+        }
+        if let Some(moe) = &mut self.block_sparse_moe {
+            visit(&format!("{prefix}.block_sparse_moe.gate"), &mut moe.gate)?;
+            moe.switch_mlp
+                .visit_linears(&format!("{prefix}.block_sparse_moe.switch_mlp"), visit)?;
+        }
+        Ok(())
+    }
 }
 
 impl Decoder {
@@ -176,6 +235,7 @@ impl Decoder {
             },
             dims: dims.clone(),
             rebuild_after: config.rope.rotation_changes_after(),
+            gradient_checkpointing: false,
         })
     }
 }
@@ -186,7 +246,9 @@ impl CausalLm for Decoder {
         let queries = tokens.shape()[1] as usize;
         let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0) as usize;
         let mut h = self.model.embed_tokens.embed(tokens)?;
-        let mut masks: Vec<((Option<usize>, usize), super::attention::AttentionMask)> = Vec::new();
+        let checkpoint = self.gradient_checkpointing && cache.is_none();
+        let random = checkpoint && self.draws_random()?;
+        let mut masks: Vec<((Option<usize>, usize), AttentionMask)> = Vec::new();
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
             let layer_cache = cache.as_deref_mut().and_then(|c| c.layers_mut().get_mut(i));
             let stored = layer_cache.as_ref().map(|c| c.stored()).unwrap_or(0);
@@ -199,13 +261,10 @@ impl CausalLm for Decoder {
                     mask
                 }
             };
-            let normed = layer.input_layernorm.forward(&h).context(ctx)?;
-            h += layer.self_attn.forward(&normed, &mask, layer_cache)?;
-            let normed = layer.post_attention_layernorm.forward(&h).context(ctx)?;
-            h += match (&mut layer.mlp, &mut layer.block_sparse_moe) {
-                (Some(mlp), _) => mlp.forward(&normed)?,
-                (None, Some(moe)) => moe.forward(&normed)?,
-                (None, None) => unreachable!("a block has a dense MLP or experts"),
+            h = if checkpoint {
+                layer.forward_checkpointed(&h, &mask, random)?
+            } else {
+                layer.forward(&h, &mask, layer_cache)?
             };
         }
         let h = self.model.norm.forward(&h).context(ctx)?;
@@ -223,6 +282,15 @@ impl CausalLm for Decoder {
         self.rebuild_after
     }
 
+    fn set_gradient_checkpointing(&mut self, enabled: bool) -> Result<()> {
+        self.gradient_checkpointing = enabled;
+        Ok(())
+    }
+
+    fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
     fn new_cache(&self) -> KvCache {
         let windows: Vec<Option<usize>> = self.model.layers.iter().map(|l| l.window).collect();
         KvCache::with_windows(&windows)
@@ -230,18 +298,7 @@ impl CausalLm for Decoder {
 
     fn visit_linears(&mut self, visit: &mut LinearVisitor<'_>) -> Result<()> {
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let prefix = format!("model.layers.{i}");
-            layer
-                .self_attn
-                .visit_linears(&format!("{prefix}.self_attn"), visit)?;
-            if let Some(mlp) = &mut layer.mlp {
-                mlp.visit_linears(&format!("{prefix}.mlp"), visit)?;
-            }
-            if let Some(moe) = &mut layer.block_sparse_moe {
-                visit(&format!("{prefix}.block_sparse_moe.gate"), &mut moe.gate)?;
-                moe.switch_mlp
-                    .visit_linears(&format!("{prefix}.block_sparse_moe.switch_mlp"), visit)?;
-            }
+            layer.visit_linears(&format!("model.layers.{i}"), visit)?;
         }
         visit("model.embed_tokens", &mut self.model.embed_tokens)?;
         if let Some(head) = &mut self.lm_head {

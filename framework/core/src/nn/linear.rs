@@ -362,6 +362,14 @@ impl Linear {
         Ok(())
     }
 
+    /// Whether [`Linear::forward`] draws random numbers (adapter dropout in
+    /// training mode).
+    pub fn draws_random(&self) -> bool {
+        self.adapter
+            .as_ref()
+            .is_some_and(|attached| attached.training && attached.settings.dropout > 0.0)
+    }
+
     /// `x @ weight.T + bias`, with the attached adapter's change.
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let ctx = || "applying a linear layer".to_owned();

@@ -40,7 +40,7 @@ impl Activation {
 }
 
 /// The gated MLP: `down_proj(act(gate_proj(x)) * up_proj(x))`.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct SwiGlu {
     /// Gate projection.
     #[param]
@@ -91,7 +91,7 @@ impl SwiGlu {
 }
 
 /// The two-layer MLP: `fc2(act(fc1(x)))`.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct GeluMlp {
     /// First projection.
     #[param]

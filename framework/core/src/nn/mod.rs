@@ -1,7 +1,8 @@
 //! Building blocks shared by model families: linear layers, norms, rotary
 //! embeddings with their scaling variants, grouped-query attention with a KV
-//! cache, and the SwiGLU / GELU MLPs. A llama-like family is assembled from
-//! these and needs little more than its config and mapping table.
+//! cache, the SwiGLU / GELU MLPs, and gradient checkpointing of a block. A
+//! llama-like family is assembled from these and needs little more than its
+//! config and mapping table.
 
 mod attention;
 mod decoder;
@@ -10,6 +11,7 @@ mod linear;
 mod mask;
 mod mlp;
 mod moe;
+mod recompute;
 mod rope;
 
 pub use attention::{Attention, AttentionConfig, AttentionMask};
@@ -23,4 +25,5 @@ pub use linear::{
 pub use mask::{causal_mask, causal_mask_stored};
 pub use mlp::{Activation, GeluMlp, SwiGlu};
 pub use moe::{SparseMoe, SwitchGlu};
+pub use recompute::checkpointed;
 pub use rope::{Rope, RopeScaling};

@@ -12,7 +12,7 @@ use mlx_rs::macros::ModuleParameters;
 use mlx_rs::Array;
 
 /// The experts' gated MLPs: `down(act(gate(x)) * up(x))` per expert.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct SwitchGlu {
     /// Gate projections (Mixtral's `w1`).
     #[param]
@@ -65,7 +65,7 @@ impl SwitchGlu {
 }
 
 /// The routed block: router `gate` plus the experts in `switch_mlp`.
-#[derive(Debug, ModuleParameters)]
+#[derive(Debug, Clone, ModuleParameters)]
 pub struct SparseMoe {
     /// The router: hidden -> one logit per expert.
     #[param]
@@ -118,9 +118,14 @@ impl SparseMoe {
         let experts = probs.shape()[1];
         let order = mlx_rs::ops::argpartition_axis(&probs.negative().context(ctx)?, k - 1, -1)
             .context(ctx)?;
-        let indices = mlx_rs::ops::split_at_indices(&order, &[k], -1)
-            .context(ctx)?
-            .swap_remove(0);
+        // The choice of experts carries no gradient (MLX cannot
+        // differentiate a gather with respect to its indices).
+        let indices = mlx_rs::stop_gradient(
+            mlx_rs::ops::split_at_indices(&order, &[k], -1)
+                .context(ctx)?
+                .swap_remove(0),
+        )
+        .context(ctx)?;
         debug_assert!(experts >= k);
         let mut scores =
             mlx_rs::ops::indexing::take_along_axis(&probs, &indices, -1).context(ctx)?;
