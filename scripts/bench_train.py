@@ -19,7 +19,7 @@ With --qlora the base is quantized to 4 bits (group 64) first: mlx-lm trains
 on a `zoo convert` copy, zoo quantizes at load (the same affine format).
 
     cargo build --release -p mlx-zoo-cli
-    ~/.venvs/zoo-mlxlm/bin/python scripts/bench_train.py [--iters 30] [--qlora]
+    ~/.venvs/zoo-mlxlm/bin/python scripts/bench_train.py [--iters 30] [--qlora] [--grad-checkpoint]
 """
 
 import argparse
@@ -51,7 +51,7 @@ def make_data(path: Path, lines: int = 200) -> None:
                 f.write(json.dumps({"text": text}) + "\n")
 
 
-def zoo_run(model: Path, data: Path, iters: int, qlora: bool) -> tuple[float, float]:
+def zoo_run(model: Path, data: Path, iters: int, qlora: bool, checkpoint: bool) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as out:
         args = [str(ZOO), "-q", "finetune", str(model), "--data", str(data), "--out", out,
                 "--iters", str(iters), "--batch-size", str(BATCH), "--max-seq-len", str(SEQ),
@@ -59,6 +59,8 @@ def zoo_run(model: Path, data: Path, iters: int, qlora: bool) -> tuple[float, fl
                 "--lora-targets", "q_proj,k_proj,v_proj,o_proj", "--decay", "constant"]
         if qlora:
             args += ["--train-type", "qlora", "--q-bits", "4", "--q-group-size", "64"]
+        if checkpoint:
+            args.append("--grad-checkpoint")
         result = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M"] + args, check=True, capture_output=True,
                                 text=True)
         rows = [json.loads(l) for l in open(Path(out) / "metrics.jsonl") if '"loss"' in l]
@@ -72,7 +74,7 @@ def max_rss_mib(stderr: str) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def mlx_lm_run(model: Path, data: Path, iters: int) -> tuple[float, float]:
+def mlx_lm_run(model: Path, data: Path, iters: int, checkpoint: bool) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as out:
         config = Path(out) / "lora.yaml"
         config.write_text(json.dumps({
@@ -84,7 +86,8 @@ def mlx_lm_run(model: Path, data: Path, iters: int) -> tuple[float, float]:
              "--data", str(data), "--batch-size", str(BATCH), "--iters", str(iters),
              "--max-seq-length", str(SEQ), "--num-layers", "-1", "--learning-rate", str(LR),
              "--steps-per-report", "1", "--steps-per-eval", str(iters + 1),
-             "--adapter-path", str(Path(out) / "adapters"), "-c", str(config)],
+             "--adapter-path", str(Path(out) / "adapters"), "-c", str(config)]
+            + (["--grad-checkpoint"] if checkpoint else []),
             check=True, capture_output=True, text=True)
     # mlx-lm 0.32's report table: "iter  train_loss [arrow]  tok/s  tokens".
     plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
@@ -98,6 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--qlora", action="store_true")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="both sides recompute blocks")
     args = parser.parse_args()
     if not ZOO.is_file():
         print(f"build first: cargo build --release -p mlx-zoo-cli ({ZOO} is missing)", file=sys.stderr)
@@ -117,10 +121,12 @@ def main() -> int:
         for name in ["tokenizer.json", "tokenizer_config.json"]:
             shutil.copy(TOKENIZER / name, mlx_model / name)
     kind = "QLoRA 4-bit" if args.qlora else "LoRA"
+    if args.grad_checkpoint:
+        kind += " with gradient checkpointing"
     print(f"{kind} rank {RANK} on q/k/v/o, batch {BATCH} x {SEQ}, {args.iters} steps, median after step 3")
-    zoo = zoo_run(model, data, args.iters, args.qlora)
+    zoo = zoo_run(model, data, args.iters, args.qlora, args.grad_checkpoint)
     print(f"mlx-zoo  {zoo[0]:8.1f} tokens/s  max RSS {zoo[1]:7.1f} MiB")
-    lm = mlx_lm_run(mlx_model, data, args.iters)
+    lm = mlx_lm_run(mlx_model, data, args.iters, args.grad_checkpoint)
     print(f"mlx-lm   {lm[0]:8.1f} tokens/s  max RSS {lm[1]:7.1f} MiB")
     print(f"ratio    {zoo[0] / lm[0]:8.2f}x")
     return 0

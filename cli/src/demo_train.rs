@@ -191,8 +191,16 @@ pub fn run(dir: &Path, scratch: &Path) -> Result<()> {
     // LoRA's A starts random: seeded, so every run of the demo is the same.
     mlx_rs::random::seed(7)?;
     let layers = quantized.apply_adapter(&registry, "lora", adapter, &targets)?;
-    println!("  lora rank 16 on {} quantized layers", layers.len());
-    let mut trainer = Trainer::new(config(300, 3e-3), &data, pad)?;
+    println!(
+        "  lora rank 16 on {} quantized layers; the questions packed into shared rows",
+        layers.len()
+    );
+    // The questions are short: packed into one row rather than padded.
+    let packed = TrainConfig {
+        pack: Some(data_options.max_seq_len),
+        ..config(300, 3e-3)
+    };
+    let mut trainer = Trainer::new(packed, &data, pad)?;
     let mut hooks = Every { every: 100 };
     trainer.run(
         quantized.model.as_mut(),

@@ -112,6 +112,11 @@ pub struct FinetuneArgs {
     /// Loss on completions / the last chat message only.
     #[arg(long)]
     pub mask_prompt: bool,
+    /// Pack each batch's examples into rows of --max-seq-len positions
+    /// (longest first) instead of padding each to the longest; packed
+    /// examples never attend to each other.
+    #[arg(long)]
+    pub pack: bool,
     /// Data order seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -296,6 +301,7 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         eval_every: args.eval_every,
         eval_batches: 0,
         save_every: args.save_every,
+        pack: args.pack.then_some(args.shape.max_seq_len),
     };
     let pad = tokenizer.eos_ids().first().copied().unwrap_or(0);
     let mut trainer = Trainer::new(config, &data, pad)?;

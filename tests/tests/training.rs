@@ -80,6 +80,7 @@ fn config(iters: usize, lr: f32) -> TrainConfig {
         eval_every: 0,
         eval_batches: 0,
         save_every: 0,
+        pack: None,
     }
 }
 
@@ -483,4 +484,113 @@ fn lora_dropout_applies_in_training_only_and_resumes_identically() {
     trainer.resume(model.model.as_mut(), &checkpoint).unwrap();
     got.extend(losses(&mut trainer, &mut model, &data, 3));
     assert_eq!(got, expected, "dropout masks must repeat after a resume");
+}
+
+/// Largest absolute difference between two gradient sets over the same
+/// parameters, and the largest gradient.
+fn gradient_gap(
+    a: &mlx_rs::module::FlattenedModuleParam,
+    b: &mlx_rs::module::FlattenedModuleParam,
+) -> (f32, f32) {
+    assert_eq!(a.len(), b.len());
+    a.iter().fold((0f32, 0f32), |(gap, largest), (name, x)| {
+        let y = &b[name];
+        let diff = x.subtract(y).unwrap().abs().unwrap().max(None).unwrap();
+        let size = x.abs().unwrap().max(None).unwrap();
+        (
+            gap.max(diff.item_cast::<f32>()),
+            largest.max(size.item_cast::<f32>()),
+        )
+    })
+}
+
+#[test]
+fn packed_batches_give_the_padded_loss_and_gradients() {
+    use mlx_zoo::train::{loss_and_grad, make_batch, make_packed_batch, Example};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    // Ten sequences of 3 to 25 tokens (character ids), some with prompts.
+    let owned: Vec<Example> = [25usize, 3, 4, 12, 6, 20, 5, 8, 3, 10]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| Example {
+            ids: (0..len)
+                .map(|t| 32 + ((t * 7 + i * 11) % 90) as u32)
+                .collect(),
+            loss_start: if i % 3 == 0 { len / 2 } else { 0 },
+        })
+        .collect();
+    let examples: Vec<&Example> = owned.iter().collect();
+    let padded = make_batch(&examples, 0).unwrap();
+    let packed = make_packed_batch(&examples, 0, 32).unwrap();
+    assert!(
+        packed.inputs.size() * 2 < padded.inputs.size(),
+        "{:?} packed against {:?} padded",
+        packed.inputs.shape(),
+        padded.inputs.shape()
+    );
+    // Sliding windows (mistral, qwen2: 4 positions, shorter than the
+    // examples), experts, parallel blocks, partial rotary, dynamic NTK
+    // within its limit.
+    for case in [
+        "llama-gqa",
+        "mistral-sliding",
+        "mixtral-moe",
+        "phi2",
+        "phi3",
+        "qwen2",
+        "llama-dynamic-rope",
+    ] {
+        let mut loaded = mlx_zoo_tests::load(case);
+        let (padded_loss, padded_grads) = loss_and_grad(loaded.model.as_mut(), &padded).unwrap();
+        let (packed_loss, packed_grads) = loss_and_grad(loaded.model.as_mut(), &packed).unwrap();
+        assert!(
+            (padded_loss - packed_loss).abs() < 1e-5,
+            "{case}: loss {padded_loss} padded, {packed_loss} packed"
+        );
+        let (gap, largest) = gradient_gap(&padded_grads, &packed_grads);
+        assert!(largest > 1e-3, "{case}: gradients are not all zero");
+        assert!(gap < 1e-5, "{case}: gradients differ by {gap}");
+    }
+
+    // Past the dynamic-NTK limit (32 positions) a packed row would rotate
+    // its examples differently: refused.
+    let mut dynamic = mlx_zoo_tests::load("llama-dynamic-rope");
+    let long = make_packed_batch(&examples, 0, 64).unwrap();
+    assert!(long.inputs.shape()[1] > 32);
+    let err = loss_and_grad(dynamic.model.as_mut(), &long)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exceed 32"), "{err}");
+    // The original Qwen scales by absolute position: no packing.
+    let mut qwen = mlx_zoo_tests::load("qwen-v1");
+    let err = loss_and_grad(qwen.model.as_mut(), &packed)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("packed"), "{err}");
+
+    // A packed run repeats the padded run's losses.
+    let losses_of = |pack: Option<usize>| {
+        // The same random LoRA start for both runs (the key is per thread).
+        mlx_rs::random::seed(42).unwrap();
+        let mut loaded = with_lora(mlx_zoo_tests::load("llama-gqa"));
+        let mut trainer = Trainer::new(
+            TrainConfig {
+                pack,
+                ..config(4, 5e-3)
+            },
+            &data,
+            0,
+        )
+        .unwrap();
+        losses(&mut trainer, &mut loaded, &data, 4)
+    };
+    let padded_losses = losses_of(None);
+    let packed_losses = losses_of(Some(32));
+    for (a, b) in padded_losses.iter().zip(&packed_losses) {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "{padded_losses:?} vs {packed_losses:?}"
+        );
+    }
 }

@@ -16,8 +16,9 @@ use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::model::LinearVisitor;
 use mlx_zoo_core::nn::{
-    causal_mask, checkpointed, embedding, layer_norm, linear, Activation, Attention,
-    AttentionConfig, AttentionMask, Embedding, GeluMlp, LayerNorm, Linear, Rope, RopeScaling,
+    causal_mask, check_packable, checkpointed, embedding, layer_norm, linear, segment_mask,
+    Activation, Attention, AttentionConfig, AttentionMask, Embedding, GeluMlp, LayerNorm, Linear,
+    Rope, RopeScaling,
 };
 use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
@@ -210,6 +211,7 @@ pub struct Phi {
     #[param]
     pub lm_head: Linear,
     dims: ModelDims,
+    packable_up_to: Option<usize>,
     gradient_checkpointing: bool,
 }
 
@@ -249,16 +251,27 @@ impl Phi {
             },
             lm_head: linear(dims.hidden_size, dims.vocab_size, true)?,
             dims,
+            packable_up_to: rope.length_independent_up_to(),
             gradient_checkpointing: false,
         })
     }
 }
 
-impl CausalLm for Phi {
-    fn forward(&mut self, tokens: &Array, mut cache: Option<&mut KvCache>) -> Result<Array> {
+impl Phi {
+    /// The forward pass: continuing `cache`, or over packed rows when
+    /// `segments` numbers their sequences.
+    fn run(
+        &mut self,
+        tokens: &Array,
+        mut cache: Option<&mut KvCache>,
+        segments: Option<&Array>,
+    ) -> Result<Array> {
         let ctx = || "running the phi model".to_owned();
         let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0) as usize;
-        let mask = causal_mask(tokens.shape()[1] as usize, offset, None)?;
+        let mask = match segments {
+            Some(segments) => segment_mask(segments, None)?,
+            None => causal_mask(tokens.shape()[1] as usize, offset, None)?,
+        };
         let checkpoint = self.gradient_checkpointing && cache.is_none();
         let random = checkpoint && self.draws_random()?;
         let mut x = self.model.embed_tokens.embed(tokens)?;
@@ -276,6 +289,17 @@ impl CausalLm for Phi {
         }
         let x = self.model.final_layernorm.forward(&x).context(ctx)?;
         self.lm_head.forward(&x)
+    }
+}
+
+impl CausalLm for Phi {
+    fn forward(&mut self, tokens: &Array, cache: Option<&mut KvCache>) -> Result<Array> {
+        self.run(tokens, cache, None)
+    }
+
+    fn forward_packed(&mut self, tokens: &Array, segments: &Array) -> Result<Array> {
+        check_packable(tokens, segments, self.packable_up_to)?;
+        self.run(tokens, None, Some(segments))
     }
 
     fn dims(&self) -> ModelDims {

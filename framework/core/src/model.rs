@@ -88,6 +88,19 @@ pub trait CausalLm: ModuleParameters + std::fmt::Debug {
     /// sequence and their keys and values are appended to it.
     fn forward(&mut self, tokens: &Array, cache: Option<&mut KvCache>) -> Result<Array>;
 
+    /// Logits for rows that pack several sequences back to back:
+    /// `segments` (`[batch, seq]`, int32, like `tokens`) numbers the
+    /// sequence of each token (padding gets a number of its own), and a
+    /// token attends only to the earlier tokens of its own sequence, so each
+    /// sequence gets the logits it would get alone. Models that cannot do
+    /// it refuse.
+    fn forward_packed(&mut self, tokens: &Array, segments: &Array) -> Result<Array> {
+        let _ = (tokens, segments);
+        Err(crate::error::Error::InvalidArgument(
+            "this model does not support packed sequences".into(),
+        ))
+    }
+
     /// The model's dimensions.
     fn dims(&self) -> ModelDims;
 

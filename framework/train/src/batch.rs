@@ -1,4 +1,5 @@
-//! Batches: examples padded to the longest in the batch, inputs and targets
+//! Batches: examples padded to the longest in the batch, or packed several
+//! to a row with segment ids that keep them apart; inputs and targets
 //! shifted by one, and a loss mask that is 1 exactly where a target counts
 //! (past the prompt, before the padding). [`BatchOrder`] walks the training
 //! set in a seeded shuffled order, epoch after epoch, and its position is
@@ -20,6 +21,9 @@ pub struct Batch {
     pub mask: Array,
     /// Number of targets counting in the loss.
     pub loss_tokens: usize,
+    /// `[batch, seq]` int32 for packed rows: which example each position
+    /// belongs to (`-1` on padding); the model keeps examples apart.
+    pub segments: Option<Array>,
 }
 
 /// Builds a batch from examples, padding with `pad_id` (masked out).
@@ -53,6 +57,75 @@ pub fn make_batch(examples: &[&Example], pad_id: u32) -> Result<Batch> {
         targets: Array::from_slice(&targets, &shape),
         mask: Array::from_slice(&mask, &shape),
         loss_tokens,
+        segments: None,
+    })
+}
+
+/// Packs examples into as few rows of at most `capacity` positions as
+/// first-fit by decreasing length finds (an example of `n` tokens takes
+/// `n - 1` positions), padding rows to the fullest. `segments` tells the
+/// model which positions belong together; the loss is that of
+/// [`make_batch`] on the same examples, on fewer positions.
+pub fn make_packed_batch(examples: &[&Example], pad_id: u32, capacity: usize) -> Result<Batch> {
+    let positions = |e: &Example| e.ids.len().saturating_sub(1);
+    if let Some(long) = examples.iter().find(|e| positions(e) > capacity) {
+        return Err(TrainError::InvalidSetting(format!(
+            "an example of {} tokens does not fit packed rows of {capacity} positions",
+            long.ids.len()
+        )));
+    }
+    let mut by_length: Vec<&Example> = examples
+        .iter()
+        .copied()
+        .filter(|e| positions(e) > 0)
+        .collect();
+    if by_length.is_empty() {
+        return Err(TrainError::InvalidSetting(
+            "a batch needs at least one example of 2 or more tokens".into(),
+        ));
+    }
+    by_length.sort_by_key(|e| std::cmp::Reverse(positions(e)));
+    let mut rows: Vec<(usize, Vec<&Example>)> = Vec::new();
+    for example in by_length {
+        let need = positions(example);
+        match rows.iter_mut().find(|(used, _)| used + need <= capacity) {
+            Some((used, members)) => {
+                *used += need;
+                members.push(example);
+            }
+            None => rows.push((need, vec![example])),
+        }
+    }
+    let seq = rows.iter().map(|(used, _)| *used).max().unwrap_or(0);
+    let cells = rows.len() * seq;
+    let mut inputs = vec![pad_id as i32; cells];
+    let mut targets = vec![pad_id as i32; cells];
+    let mut mask = vec![0f32; cells];
+    let mut segments = vec![-1i32; cells];
+    let mut loss_tokens = 0;
+    for (row, (_, members)) in rows.iter().enumerate() {
+        let mut at = row * seq;
+        for (segment, example) in members.iter().enumerate() {
+            let ids = &example.ids;
+            for t in 0..ids.len() - 1 {
+                inputs[at] = ids[t] as i32;
+                targets[at] = ids[t + 1] as i32;
+                segments[at] = segment as i32;
+                if t + 1 >= example.loss_start {
+                    mask[at] = 1.0;
+                    loss_tokens += 1;
+                }
+                at += 1;
+            }
+        }
+    }
+    let shape = [rows.len() as i32, seq as i32];
+    Ok(Batch {
+        inputs: Array::from_slice(&inputs, &shape),
+        targets: Array::from_slice(&targets, &shape),
+        mask: Array::from_slice(&mask, &shape),
+        loss_tokens,
+        segments: Some(Array::from_slice(&segments, &shape)),
     })
 }
 
@@ -191,6 +264,39 @@ mod tests {
             &[0., 0., 1., 1., 1., 1., 0., 0.]
         );
         assert_eq!(batch.loss_tokens, 4);
+    }
+
+    #[test]
+    fn packing_fills_rows_longest_first_and_keeps_examples_apart() {
+        let example = |len: usize, base: u32, loss_start: usize| Example {
+            ids: (0..len as u32).map(|i| base + i).collect(),
+            loss_start,
+        };
+        let (a, b, c) = (example(4, 10, 0), example(6, 20, 3), example(3, 30, 0));
+        // Positions: a 3, b 5, c 2. Rows of 8: [b, a], [c].
+        let batch = make_packed_batch(&[&a, &b, &c], 0, 8).unwrap();
+        assert_eq!(batch.inputs.shape(), &[2, 8]);
+        assert_eq!(
+            batch.inputs.as_slice::<i32>(),
+            &[20, 21, 22, 23, 24, 10, 11, 12, 30, 31, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            batch.targets.as_slice::<i32>(),
+            &[21, 22, 23, 24, 25, 11, 12, 13, 31, 32, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            batch.segments.as_ref().unwrap().as_slice::<i32>(),
+            &[0, 0, 0, 0, 0, 1, 1, 1, 0, 0, -1, -1, -1, -1, -1, -1]
+        );
+        // b counts from its 3rd target on; a and c wholly.
+        assert_eq!(
+            batch.mask.as_slice::<f32>(),
+            &[0., 0., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0., 0., 0., 0., 0.]
+        );
+        let padded = make_batch(&[&a, &b, &c], 0).unwrap();
+        assert_eq!(batch.loss_tokens, padded.loss_tokens);
+        let err = make_packed_batch(&[&a, &b], 0, 4).unwrap_err();
+        assert!(err.to_string().contains("6 tokens"), "{err}");
     }
 
     #[test]

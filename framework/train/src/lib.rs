@@ -19,7 +19,7 @@ pub mod plan;
 pub mod schedule;
 pub mod trainer;
 
-pub use batch::{make_batch, Batch, BatchOrder, BatchPosition};
+pub use batch::{make_batch, make_packed_batch, Batch, BatchOrder, BatchPosition};
 pub use data::{load_dataset, DataOptions, Dataset, Example, Record};
 pub use error::{Result, TrainError};
 pub use loss::masked_cross_entropy;

@@ -5,7 +5,7 @@
 //! bit, and [`Trainer::run`] with [`TrainHooks`] for logging, evaluation and
 //! stopping.
 
-use crate::batch::{make_batch, Batch, BatchOrder, BatchPosition};
+use crate::batch::{make_batch, make_packed_batch, Batch, BatchOrder, BatchPosition};
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
 use crate::loss::masked_cross_entropy;
@@ -45,6 +45,10 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_every: usize,
+    /// Pack each batch's examples into rows of at most this many positions
+    /// instead of padding every example to the longest.
+    #[serde(default)]
+    pub pack: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -61,6 +65,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             eval_batches: 0,
             save_every: 0,
+            pack: None,
         }
     }
 }
@@ -80,6 +85,9 @@ impl TrainConfig {
         }
         if self.max_grad_norm.is_some_and(|n| n.is_nan() || n <= 0.0) {
             return bad("max_grad_norm must be positive");
+        }
+        if self.pack.is_some_and(|capacity| capacity < 2) {
+            return bad("packed rows need at least 2 positions");
         }
         Ok(())
     }
@@ -149,12 +157,15 @@ pub fn loss_and_grad(
     model: &mut dyn CausalLm,
     batch: &Batch,
 ) -> Result<(f32, FlattenedModuleParam)> {
+    let segments = batch.segments.clone();
     let loss_fn = |model: &mut &mut dyn CausalLm,
                    (inputs, targets, mask): (Array, Array, Array)|
      -> Result<Vec<Array>, Exception> {
-        let logits = model
-            .forward(&inputs, None)
-            .map_err(|e| Exception::custom(e.to_string()))?;
+        let logits = match &segments {
+            Some(segments) => model.forward_packed(&inputs, segments),
+            None => model.forward(&inputs, None),
+        }
+        .map_err(|e| Exception::custom(e.to_string()))?;
         let (loss, count) = masked_cross_entropy(&logits, &targets, &mask)?;
         Ok(vec![loss, count])
     };
@@ -236,7 +247,15 @@ impl Trainer {
     pub fn next_batch(&mut self, data: &Dataset) -> Result<Batch> {
         let indices = self.order.next_indices();
         let examples: Vec<&Example> = indices.iter().map(|&i| &data.train[i]).collect();
-        make_batch(&examples, self.pad_id)
+        self.batch_of(&examples)
+    }
+
+    /// `examples` padded, or packed when the run packs.
+    fn batch_of(&self, examples: &[&Example]) -> Result<Batch> {
+        match self.config.pack {
+            Some(capacity) => make_packed_batch(examples, self.pad_id, capacity),
+            None => make_batch(examples, self.pad_id),
+        }
     }
 
     /// One optimizer step: `grad_accum` micro-batches, their gradients
@@ -358,7 +377,7 @@ impl Trainer {
                 break;
             }
             let refs: Vec<&Example> = chunk.iter().collect();
-            let batch = make_batch(&refs, self.pad_id)?;
+            let batch = self.batch_of(&refs)?;
             let logits = model.forward(&batch.inputs, None)?;
             let (loss, n) = masked_cross_entropy(&logits, &batch.targets, &batch.mask)?;
             let n = n.item_cast::<f32>() as f64;

@@ -12,7 +12,7 @@
 use super::attention::{Attention, AttentionConfig, AttentionMask};
 use super::layers::{rms_norm, RmsNorm};
 use super::linear::{embedding, linear, Embedding, Linear};
-use super::mask::causal_mask_stored;
+use super::mask::{causal_mask_stored, segment_mask};
 use super::mlp::{Activation, SwiGlu};
 use super::moe::SparseMoe;
 use super::recompute::checkpointed;
@@ -106,6 +106,7 @@ pub struct Decoder {
     pub lm_head: Option<Linear>,
     dims: ModelDims,
     rebuild_after: Option<usize>,
+    packable_up_to: Option<usize>,
     gradient_checkpointing: bool,
 }
 
@@ -235,13 +236,21 @@ impl Decoder {
             },
             dims: dims.clone(),
             rebuild_after: config.rope.rotation_changes_after(),
+            packable_up_to: config.rope.length_independent_up_to(),
             gradient_checkpointing: false,
         })
     }
 }
 
-impl CausalLm for Decoder {
-    fn forward(&mut self, tokens: &Array, mut cache: Option<&mut KvCache>) -> Result<Array> {
+impl Decoder {
+    /// The forward pass: continuing `cache`, or over packed rows when
+    /// `segments` numbers their sequences.
+    fn run(
+        &mut self,
+        tokens: &Array,
+        mut cache: Option<&mut KvCache>,
+        segments: Option<&Array>,
+    ) -> Result<Array> {
         let ctx = || "running the decoder".to_owned();
         let queries = tokens.shape()[1] as usize;
         let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0) as usize;
@@ -256,7 +265,10 @@ impl CausalLm for Decoder {
             let mask = match masks.iter().find(|(k, _)| *k == key) {
                 Some((_, mask)) => mask.clone(),
                 None => {
-                    let mask = causal_mask_stored(queries, offset, stored, layer.window)?;
+                    let mask = match segments {
+                        Some(segments) => segment_mask(segments, layer.window)?,
+                        None => causal_mask_stored(queries, offset, stored, layer.window)?,
+                    };
                     masks.push((key, mask.clone()));
                     mask
                 }
@@ -272,6 +284,42 @@ impl CausalLm for Decoder {
             Some(head) => head.forward(&h),
             None => self.model.embed_tokens.forward(&h),
         }
+    }
+}
+
+/// Checks packed rows: `segments` shaped like `tokens`, and rows no longer
+/// than `packable_up_to` (past it the rotary embedding depends on the row's
+/// length, and a packed sequence would rotate differently than alone).
+pub fn check_packable(
+    tokens: &Array,
+    segments: &Array,
+    packable_up_to: Option<usize>,
+) -> Result<()> {
+    if segments.shape() != tokens.shape() {
+        return Err(Error::InvalidArgument(format!(
+            "segment ids of shape {:?} for tokens of shape {:?}",
+            segments.shape(),
+            tokens.shape()
+        )));
+    }
+    let row = tokens.shape().get(1).copied().unwrap_or(0) as usize;
+    match packable_up_to {
+        Some(limit) if row > limit => Err(Error::InvalidArgument(format!(
+            "packed rows of {row} tokens exceed {limit}, past which this model's rotary scaling \
+             depends on the sequence length; pack into rows of at most {limit} tokens"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl CausalLm for Decoder {
+    fn forward(&mut self, tokens: &Array, cache: Option<&mut KvCache>) -> Result<Array> {
+        self.run(tokens, cache, None)
+    }
+
+    fn forward_packed(&mut self, tokens: &Array, segments: &Array) -> Result<Array> {
+        check_packable(tokens, segments, self.packable_up_to)?;
+        self.run(tokens, None, Some(segments))
     }
 
     fn dims(&self) -> ModelDims {

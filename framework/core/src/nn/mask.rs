@@ -1,7 +1,8 @@
 //! Attention masks for causal decoding, optionally limited to a sliding
 //! window: a query at position `i` sees keys `j` with `i - window < j <= i`
 //! (the `window` most recent positions, itself included), which is how
-//! transformers applies Mistral's `sliding_window`.
+//! transformers applies Mistral's `sliding_window`; and the block-diagonal
+//! mask of rows that pack several sequences.
 
 use super::attention::AttentionMask;
 use crate::error::{MlxContext, Result};
@@ -48,6 +49,34 @@ pub fn causal_mask_stored(
     }
 }
 
+/// The mask of packed rows: `segments` (`[batch, seq]`, int32) numbers the
+/// sequence each token belongs to, and a token sees the earlier tokens of
+/// its own sequence only (within `window` of itself, if given). A
+/// `[batch, 1, seq, seq]` boolean mask.
+pub fn segment_mask(segments: &Array, window: Option<usize>) -> Result<AttentionMask> {
+    let context = || "building the mask of packed sequences".to_owned();
+    let shape = segments.shape();
+    if shape.len() != 2 {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "segment ids must be [batch, seq], got {shape:?}"
+        )));
+    }
+    let (rows, seq) = (shape[0] as usize, shape[1] as usize);
+    let ids = segments.as_dtype(mlx_rs::Dtype::Int32).context(context)?;
+    let ids = ids.as_slice::<i32>();
+    let mut allowed = Vec::with_capacity(rows * seq * seq);
+    for row in ids.chunks(seq) {
+        for (q, query_segment) in row.iter().enumerate() {
+            for (k, key_segment) in row.iter().enumerate() {
+                let in_window = window.is_none_or(|w| k + w > q);
+                allowed.push(k <= q && in_window && key_segment == query_segment);
+            }
+        }
+    }
+    let mask = Array::from_slice(&allowed, &[rows as i32, 1, seq as i32, seq as i32]);
+    Ok(AttentionMask::Additive(mask))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +114,25 @@ mod tests {
         // (positions 6 and 7) over keys 4, 5, 6, 7.
         let mask = allowed(causal_mask_stored(2, 6, 2, Some(3)).unwrap());
         assert_eq!(mask, [true, true, true, false, false, true, true, true]);
+    }
+
+    #[test]
+    fn packed_sequences_see_only_themselves() {
+        let segments = Array::from_slice(&[0i32, 0, 1, 1, 1, -1], &[1, 6]);
+        let mask = allowed(segment_mask(&segments, None).unwrap());
+        #[rustfmt::skip]
+        let expected = [
+            true,  false, false, false, false, false,
+            true,  true,  false, false, false, false,
+            false, false, true,  false, false, false,
+            false, false, true,  true,  false, false,
+            false, false, true,  true,  true,  false,
+            false, false, false, false, false, true,
+        ];
+        assert_eq!(mask, expected);
+        let windowed = allowed(segment_mask(&segments, Some(2)).unwrap());
+        assert!(!windowed[4 * 6 + 2], "position 4 no longer sees 2");
+        assert!(windowed[4 * 6 + 3]);
     }
 
     #[test]

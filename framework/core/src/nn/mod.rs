@@ -16,13 +16,14 @@ mod rope;
 
 pub use attention::{Attention, AttentionConfig, AttentionMask};
 pub use decoder::{
-    decoder_rules, output_rules, Decoder, DecoderBlock, DecoderConfig, DecoderStack, MoeConfig,
+    check_packable, decoder_rules, output_rules, Decoder, DecoderBlock, DecoderConfig,
+    DecoderStack, MoeConfig,
 };
 pub use layers::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 pub use linear::{
     dequantize_rows, embedding, expert_linear, linear, set_dequantize_rows, Embedding, Linear,
 };
-pub use mask::{causal_mask, causal_mask_stored};
+pub use mask::{causal_mask, causal_mask_stored, segment_mask};
 pub use mlp::{Activation, GeluMlp, SwiGlu};
 pub use moe::{SparseMoe, SwitchGlu};
 pub use recompute::checkpointed;

@@ -190,6 +190,19 @@ impl Rope {
         self.longrope.as_ref().map(|l| l.original)
     }
 
+    /// The sequence length up to which a position's rotation does not
+    /// depend on the sequence's length (LongRoPE switches factors past it,
+    /// dynamic NTK scales the base past it); `None`: any length. Rows that
+    /// pack several sequences must stay within it to rotate each sequence
+    /// as it would be alone (RoPE itself only sees relative positions).
+    pub fn length_independent_up_to(&self) -> Option<usize> {
+        match (&self.longrope, self.dynamic) {
+            (Some(long), _) => Some(long.original),
+            (None, Some((_, max_positions))) => Some(max_positions),
+            (None, None) => None,
+        }
+    }
+
     /// Rotates `x` of shape `[batch, heads, seq, head_dim]` whose first
     /// position is `offset`.
     pub fn apply(&self, x: &Array, offset: i32) -> Result<Array> {
