@@ -1,8 +1,10 @@
-//! Training end to end on the tiny llama fixture with the character-level
-//! fixture tokenizer (both vocab 128): LoRA, QLoRA and full fine-tuning
-//! lower the loss; a resumed run repeats the uninterrupted run's losses bit
-//! for bit; gradient accumulation equals the larger batch; a NaN stops the
-//! run; bad data is refused naming the line.
+//! Training end to end on the tiny fixtures with the character-level
+//! fixture tokenizer (all vocab 128): LoRA, QLoRA and full fine-tuning
+//! lower the loss (Mixtral's experts too); a resumed run repeats the
+//! uninterrupted run's losses bit for bit; gradient accumulation equals the
+//! larger batch; packed batches equal padded ones; dropout applies in
+//! training only, experts included; a NaN stops the run; bad data is
+//! refused naming the line.
 
 use mlx_rs::module::ModuleParameters;
 use mlx_zoo::adapter::AdapterSettings;
@@ -593,4 +595,80 @@ fn packed_batches_give_the_padded_loss_and_gradients() {
             "{padded_losses:?} vs {packed_losses:?}"
         );
     }
+}
+
+#[test]
+fn expert_adapters_drop_out_in_training_only() {
+    let registry = mlx_zoo::registry().unwrap();
+    let mut loaded = mlx_zoo_tests::load("mixtral-moe");
+    let settings = AdapterSettings {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.5,
+        rslora: false,
+    };
+    let layers = loaded
+        .apply_lora(&registry, &["gate_proj", "up_proj", "down_proj"], settings)
+        .unwrap();
+    assert!(
+        layers.iter().all(|l| l.contains("switch_mlp")),
+        "expert stacks adapted: {layers:?}"
+    );
+    // B starts at zero, which would hide the adapters (and their dropout).
+    let key = mlx_rs::random::key(9).unwrap();
+    let noise: Vec<_> = loaded
+        .model
+        .trainable_parameters()
+        .flatten()
+        .into_iter()
+        .filter(|(name, _)| name.ends_with("lora_b"))
+        .map(|(name, b)| {
+            let value = mlx_rs::random::normal::<f32>(b.shape(), 0.0, 0.5, &key).unwrap();
+            (name, value)
+        })
+        .collect();
+    loaded.model.update_flattened(noise.into_iter().collect());
+    let ids = mlx_rs::Array::from_slice(&[1i32, 20, 30, 40, 50], &[1, 5]);
+    let model = loaded.model.as_mut();
+    let logits = |model: &mut dyn mlx_zoo::CausalLm| {
+        model
+            .forward(&ids, None)
+            .unwrap()
+            .as_slice::<f32>()
+            .to_vec()
+    };
+    let eval = logits(model);
+    assert_eq!(eval, logits(model), "no dropout outside training");
+    assert_eq!(
+        mlx_zoo::adapter::set_adapter_training(model, true).unwrap(),
+        layers.len()
+    );
+    let train_a = logits(model);
+    let train_b = logits(model);
+    mlx_zoo::adapter::set_adapter_training(model, false).unwrap();
+    assert_ne!(train_a, train_b, "dropout draws new masks in the experts");
+    assert_eq!(eval, logits(model), "and stops after training");
+}
+
+#[test]
+fn mixtral_lora_on_attention_and_experts_lowers_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let registry = mlx_zoo::registry().unwrap();
+    let mut loaded = mlx_zoo_tests::load("mixtral-moe");
+    let settings = AdapterSettings {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        rslora: false,
+    };
+    loaded
+        .apply_lora(&registry, &["q_proj", "v_proj", "down_proj"], settings)
+        .unwrap();
+    let mut trainer = Trainer::new(config(40, 5e-3), &data, 0).unwrap();
+    let l = losses(&mut trainer, &mut loaded, &data, 40);
+    assert!(
+        l[35..].iter().sum::<f32>() < 0.5 * l[..5].iter().sum::<f32>(),
+        "mixtral lora: {l:?}"
+    );
 }

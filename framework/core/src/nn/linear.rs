@@ -94,6 +94,22 @@ impl std::fmt::Debug for AttachedAdapter {
     }
 }
 
+/// What an adapter sees of the layer's input `x`: in training, with
+/// dropout, a random share zeroed and the rest scaled up (PEFT's placement:
+/// dropout on the adapter's input only, the base path sees all of `x`).
+fn adapter_input(attached: &AttachedAdapter, x: &Array) -> Result<Array> {
+    let dropout = attached.settings.dropout;
+    if !(attached.training && dropout > 0.0) {
+        return Ok(x.clone());
+    }
+    let ctx = || "applying adapter dropout".to_owned();
+    let keep = Array::from_f32(1.0 - dropout);
+    let mask = mlx_rs::random::bernoulli(&keep, x.shape(), None)
+        .and_then(|m| m.as_dtype(x.dtype()))
+        .context(ctx)?;
+    x.multiply(&mask).and_then(|d| d.divide(&keep)).context(ctx)
+}
+
 /// The embedding table type: a [`Linear`] of `[vocab, dims]`.
 pub type Embedding = Linear;
 
@@ -281,7 +297,7 @@ impl Linear {
         match &self.adapter {
             None => Ok(output),
             Some(attached) => attached.method.gather_forward(
-                x,
+                &adapter_input(attached, x)?,
                 &output,
                 indices,
                 &self.adapter_params(),
@@ -382,24 +398,8 @@ impl Linear {
                 } else {
                     None
                 };
-                // PEFT's placement: dropout on the adapter's input only.
-                let dropout = attached.settings.dropout;
-                let dropped;
-                let adapter_input = if attached.training && dropout > 0.0 {
-                    let keep = Array::from_f32(1.0 - dropout);
-                    let mask = mlx_rs::random::bernoulli(&keep, x.shape(), None)
-                        .and_then(|m| m.as_dtype(x.dtype()))
-                        .context(ctx)?;
-                    dropped = x
-                        .multiply(&mask)
-                        .and_then(|d| d.divide(&keep))
-                        .context(ctx)?;
-                    &dropped
-                } else {
-                    x
-                };
                 attached.method.forward(
-                    adapter_input,
+                    &adapter_input(attached, x)?,
                     &output,
                     weight.as_ref(),
                     &self.adapter_params(),
