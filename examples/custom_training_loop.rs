@@ -14,9 +14,11 @@ use mlx_zoo::adapter::AdapterSettings;
 use mlx_zoo::generate::{generate, GenerateOptions};
 use mlx_zoo::tokenizer::Tokenizer;
 use mlx_zoo::train::{global_norm, loss_and_grad, make_batch, Example, Optimizer, OptimizerKind};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type Error = Box<dyn std::error::Error>;
+
+fn main() -> Result<(), Error> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let mut args = std::env::args().skip(1);
     let model_dir = args
@@ -27,10 +29,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .map(PathBuf::from)
         .unwrap_or(root.join("tokenizer/char-128"));
+    run(&model_dir, &tokenizer_dir, 200)?;
+    Ok(())
+}
 
+/// What a run did: the first and last losses, the answer before and after.
+pub struct Outcome {
+    /// Loss of the first step.
+    pub first_loss: f32,
+    /// Loss of the last step.
+    pub last_loss: f32,
+    /// The answer to the first question before training.
+    pub before: String,
+    /// The answer after training.
+    pub after: String,
+}
+
+/// Trains LoRA for `steps` steps on three colour questions and answers the
+/// first before and after.
+pub fn run(model_dir: &Path, tokenizer_dir: &Path, steps: usize) -> Result<Outcome, Error> {
     // 1. A model from the registry, with LoRA on the attention projections.
     let registry = mlx_zoo::registry()?;
-    let mut loaded = mlx_zoo::loader::load(&registry, &model_dir, &Default::default())?;
+    let mut loaded = mlx_zoo::loader::load(&registry, model_dir, &Default::default())?;
     let settings = AdapterSettings {
         rank: 8,
         alpha: 16.0,
@@ -45,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{}: LoRA on {} layers", loaded.architecture, layers.len());
 
     // 2. Data: tokenized by hand; the loss counts from `loss_start` on.
-    let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
+    let tokenizer = Tokenizer::from_dir(tokenizer_dir)?;
     let pairs = [
         ("colour of the sky:", " blue"),
         ("colour of grass:", " green"),
@@ -62,25 +82,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = make_batch(&refs, 0)?;
 
-    let answer = |loaded: &mut mlx_zoo::loader::LoadedModel,
-                  prompt: &str|
-     -> Result<String, Box<dyn std::error::Error>> {
-        let ids = tokenizer.encode(prompt, true)?;
-        let options = GenerateOptions {
-            max_tokens: 8,
-            stop_tokens: tokenizer.eos_ids().to_vec(),
-            ..Default::default()
+    let answer =
+        |loaded: &mut mlx_zoo::loader::LoadedModel, prompt: &str| -> Result<String, Error> {
+            let ids = tokenizer.encode(prompt, true)?;
+            let options = GenerateOptions {
+                max_tokens: 8,
+                stop_tokens: tokenizer.eos_ids().to_vec(),
+                ..Default::default()
+            };
+            let out: Vec<u32> =
+                generate(loaded.model.as_mut(), &ids, options)?.collect::<Result<_, _>>()?;
+            Ok(tokenizer.decode(&out)?)
         };
-        let out: Vec<u32> =
-            generate(loaded.model.as_mut(), &ids, options)?.collect::<Result<_, _>>()?;
-        Ok(tokenizer.decode(&out)?)
-    };
-    println!("before: {:?}", answer(&mut loaded, pairs[0].0)?);
+    let before = answer(&mut loaded, pairs[0].0)?;
+    println!("before: {before:?}");
 
     // 3. The loop: your schedule, your clipping, mlx-rs's optimizer.
     let mut optimizer = Optimizer::new(OptimizerKind::AdamW, 3e-3, 0.0)?;
-    for step in 0..200 {
+    let (mut first_loss, mut last_loss) = (f32::NAN, f32::NAN);
+    for step in 0..steps {
         let (loss, grads) = loss_and_grad(loaded.model.as_mut(), &batch)?;
+        if step == 0 {
+            first_loss = loss;
+        }
+        last_loss = loss;
         let norm = global_norm(&grads)?;
         let scale = mlx_rs::Array::from_f32((1.0 / norm).min(1.0));
         let grads = grads
@@ -98,6 +123,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("step {step:>3}  loss {loss:.4}  grad norm {norm:.3}");
         }
     }
-    println!("after:  {:?}", answer(&mut loaded, pairs[0].0)?);
-    Ok(())
+    let after = answer(&mut loaded, pairs[0].0)?;
+    println!("after:  {after:?}");
+    Ok(Outcome {
+        first_loss,
+        last_loss,
+        before,
+        after,
+    })
 }
