@@ -68,6 +68,13 @@ pub fn info(json: bool) -> Result<()> {
         info.blas.library.as_deref().unwrap_or("")
     );
     println!(
+        "threads    {} cores; BLAS {}; MLX_BFS_MAX_WIDTH {}",
+        info.cores,
+        info.blas_threads
+            .map_or_else(|| "-".to_owned(), |t| t.to_string()),
+        info.bfs_max_width.as_deref().unwrap_or("unset (MLX's 20)")
+    );
+    println!(
         "memory     active {}, peak {}, cache {}, limit {}",
         bytes(info.memory.active),
         bytes(info.memory.peak),

@@ -112,6 +112,10 @@ pub struct FinetuneArgs {
     /// Loss on completions / the last chat message only.
     #[arg(long)]
     pub mask_prompt: bool,
+    /// Shards per micro-batch run concurrently, each on its own MLX stream
+    /// (default: one per core, at most the batch size; 1 turns it off).
+    #[arg(long)]
+    pub streams: Option<usize>,
     /// Pack each batch's examples into rows of --max-seq-len positions
     /// (longest first) instead of padding each to the longest; packed
     /// examples never attend to each other.
@@ -302,6 +306,11 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         eval_batches: 0,
         save_every: args.save_every,
         pack: args.pack.then_some(args.shape.max_seq_len),
+        streams: args.streams.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(args.shape.batch_size)
+        }),
     };
     let pad = tokenizer.eos_ids().first().copied().unwrap_or(0);
     let mut trainer = Trainer::new(config, &data, pad)?;

@@ -83,6 +83,7 @@ fn config(iters: usize, lr: f32) -> TrainConfig {
         eval_batches: 0,
         save_every: 0,
         pack: None,
+        streams: 1,
     }
 }
 
@@ -671,4 +672,54 @@ fn mixtral_lora_on_attention_and_experts_lowers_the_loss() {
         l[35..].iter().sum::<f32>() < 0.5 * l[..5].iter().sum::<f32>(),
         "mixtral lora: {l:?}"
     );
+}
+
+#[test]
+fn shards_on_concurrent_streams_train_like_one_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let run = |streams: usize, full: bool| {
+        mlx_rs::random::seed(42).unwrap();
+        let mut loaded = if full {
+            mlx_zoo_tests::load("llama-gqa")
+        } else {
+            with_lora(mlx_zoo_tests::load("llama-gqa"))
+        };
+        let mut trainer = Trainer::new(
+            TrainConfig {
+                streams,
+                ..config(5, 5e-3)
+            },
+            &data,
+            0,
+        )
+        .unwrap();
+        let losses = losses(&mut trainer, &mut loaded, &data, 5);
+        (losses, trainable(&loaded))
+    };
+    for full in [false, true] {
+        let (one, one_params) = run(1, full);
+        let (two, two_params) = run(2, full);
+        for (a, b) in one.iter().zip(&two) {
+            assert!((a - b).abs() < 1e-4, "full {full}: {one:?} vs {two:?}");
+        }
+        let worst = one_params
+            .iter()
+            .map(|(name, a)| {
+                let b = &two_params.iter().find(|(n, _)| n == name).unwrap().1;
+                a.subtract(b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max(None)
+                    .unwrap()
+                    .item_cast::<f32>()
+            })
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "full {full}: parameters differ by {worst}");
+    }
+    // OpenBLAS gets its threads back after a step on two streams.
+    let before = mlx_zoo::runtime::blas_threads();
+    let _ = run(2, false);
+    assert_eq!(mlx_zoo::runtime::blas_threads(), before);
 }

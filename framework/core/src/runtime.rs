@@ -1,6 +1,7 @@
 //! Facts about the MLX runtime this process runs on: versions, the default
-//! device, which BLAS library MLX's CPU matmuls actually reach, and memory
-//! figures. The BLAS is read from the libraries loaded into the process, so
+//! device, which BLAS library MLX's CPU matmuls actually reach (and its
+//! thread count, which the trainer lowers while streams share the cores),
+//! and memory figures. The BLAS is read from the libraries loaded into the process, so
 //! it reports what runs, not what was intended at build time.
 
 use serde::Serialize;
@@ -42,6 +43,13 @@ pub struct RuntimeInfo {
     pub libmlx: String,
     /// The BLAS in use.
     pub blas: BlasInfo,
+    /// OpenBLAS's threads per call (`None` for other BLAS libraries).
+    pub blas_threads: Option<usize>,
+    /// CPU cores this process may use (the trainer's default stream count).
+    pub cores: usize,
+    /// `MLX_BFS_MAX_WIDTH`: how wide MLX interleaves independent work
+    /// (mlx-sys sets 4096 unless the environment does).
+    pub bfs_max_width: Option<String>,
     /// Memory figures.
     pub memory: MemoryInfo,
 }
@@ -59,6 +67,9 @@ pub fn runtime_info() -> RuntimeInfo {
         device,
         libmlx: mlx_sys::LINKED_LIBMLX.to_owned(),
         blas: blas(),
+        blas_threads: blas_threads(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        bfs_max_width: std::env::var("MLX_BFS_MAX_WIDTH").ok(),
         memory: memory(),
     }
 }
@@ -188,4 +199,87 @@ fn loaded_libraries() -> Vec<String> {
 #[cfg(not(target_os = "linux"))]
 fn loaded_libraries() -> Vec<String> {
     Vec::new()
+}
+
+/// `openblas_get_num_threads` / `openblas_set_num_threads`, when OpenBLAS is
+/// loaded into the process (looked up at run time: other BLAS libraries
+/// have no such calls).
+fn openblas_symbol(name: &std::ffi::CStr) -> Option<*mut std::ffi::c_void> {
+    extern "C" {
+        fn dlsym(
+            handle: *mut std::ffi::c_void,
+            symbol: *const std::ffi::c_char,
+        ) -> *mut std::ffi::c_void;
+    }
+    // SAFETY: RTLD_DEFAULT (null) searches the loaded libraries; the name
+    // is a valid C string.
+    let found = unsafe { dlsym(std::ptr::null_mut(), name.as_ptr()) };
+    (!found.is_null()).then_some(found)
+}
+
+/// The threads OpenBLAS uses per call, or `None` without OpenBLAS.
+pub fn blas_threads() -> Option<usize> {
+    let symbol = openblas_symbol(c"openblas_get_num_threads")?;
+    // SAFETY: OpenBLAS's `int openblas_get_num_threads(void)`.
+    let get: extern "C" fn() -> std::ffi::c_int = unsafe { std::mem::transmute(symbol) };
+    usize::try_from(get()).ok()
+}
+
+/// Sets the threads OpenBLAS uses per call; `false` without OpenBLAS.
+pub fn set_blas_threads(threads: usize) -> bool {
+    let Some(symbol) = openblas_symbol(c"openblas_set_num_threads") else {
+        return false;
+    };
+    // SAFETY: OpenBLAS's `void openblas_set_num_threads(int)`.
+    let set: extern "C" fn(std::ffi::c_int) = unsafe { std::mem::transmute(symbol) };
+    set(threads.clamp(1, i32::MAX as usize) as std::ffi::c_int);
+    true
+}
+
+/// Restores OpenBLAS's thread count when dropped; see
+/// [`limit_blas_threads`].
+#[derive(Debug)]
+pub struct BlasThreadsGuard {
+    previous: Option<usize>,
+}
+
+impl Drop for BlasThreadsGuard {
+    fn drop(&mut self) {
+        if let Some(previous) = self.previous {
+            set_blas_threads(previous);
+        }
+    }
+}
+
+/// Lowers OpenBLAS to `threads` (at least one) until the guard drops: work
+/// that already runs on several MLX streams would otherwise start more BLAS
+/// threads than there are cores.
+pub fn limit_blas_threads(threads: usize) -> BlasThreadsGuard {
+    let previous = blas_threads();
+    if previous.is_some() {
+        set_blas_threads(threads.max(1));
+    }
+    BlasThreadsGuard { previous }
+}
+
+#[cfg(test)]
+mod blas_thread_tests {
+    use super::*;
+
+    #[test]
+    fn openblas_threads_can_be_lowered_and_restored() {
+        let Some(before) = blas_threads() else {
+            return; // not OpenBLAS: nothing to steer
+        };
+        assert!(set_blas_threads(1));
+        assert_eq!(blas_threads(), Some(1));
+        assert!(set_blas_threads(before));
+        assert_eq!(blas_threads(), Some(before));
+    }
+
+    #[test]
+    fn the_evaluation_breadth_default_is_set_before_main() {
+        let width = std::env::var("MLX_BFS_MAX_WIDTH").unwrap_or_default();
+        assert!(!width.is_empty(), "mlx-sys sets MLX_BFS_MAX_WIDTH at load");
+    }
 }

@@ -37,3 +37,26 @@ pub extern "C" fn mach_approximate_time() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
+
+/// The breadth MLX's evaluation order keeps before it falls back to depth
+/// first, unless `MLX_BFS_MAX_WIDTH` is already set. MLX's default (20)
+/// orders the work of two independent graphs one after the other, so two
+/// CPU streams meant to run concurrently (mlx-zoo's trainer evaluates the
+/// shards of a batch that way) take turns instead; 4096 interleaves them.
+/// Measured on a 24M-parameter llama: the same peak memory, and single
+/// streams run as before.
+pub const DEFAULT_BFS_MAX_WIDTH: &str = "4096";
+
+/// Sets [`DEFAULT_BFS_MAX_WIDTH`] before `main` (MLX reads the variable
+/// once, at the first evaluation, which may come before any of our code).
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static SET_MLX_DEFAULTS: extern "C" fn() = set_mlx_defaults;
+
+#[cfg(target_os = "linux")]
+extern "C" fn set_mlx_defaults() {
+    if std::env::var_os("MLX_BFS_MAX_WIDTH").is_none() {
+        std::env::set_var("MLX_BFS_MAX_WIDTH", DEFAULT_BFS_MAX_WIDTH);
+    }
+}

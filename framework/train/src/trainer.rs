@@ -49,6 +49,18 @@ pub struct TrainConfig {
     /// instead of padding every example to the longest.
     #[serde(default)]
     pub pack: Option<usize>,
+    /// Split each micro-batch into this many shards whose forward and
+    /// backward passes run concurrently, each on an MLX stream of its own
+    /// (on the CPU, each stream is a thread: MLX's element-wise kernels are
+    /// single-threaded, so shards put every core to work). OpenBLAS gets
+    /// `cores / streams` threads meanwhile. Gradients are combined weighted
+    /// by tokens, as in accumulation.
+    #[serde(default = "one_stream")]
+    pub streams: usize,
+}
+
+fn one_stream() -> usize {
+    1
 }
 
 impl Default for TrainConfig {
@@ -66,6 +78,7 @@ impl Default for TrainConfig {
             eval_batches: 0,
             save_every: 0,
             pack: None,
+            streams: 1,
         }
     }
 }
@@ -88,6 +101,9 @@ impl TrainConfig {
         }
         if self.pack.is_some_and(|capacity| capacity < 2) {
             return bad("packed rows need at least 2 positions");
+        }
+        if self.streams == 0 {
+            return bad("streams must be at least 1");
         }
         Ok(())
     }
@@ -157,6 +173,17 @@ pub fn loss_and_grad(
     model: &mut dyn CausalLm,
     batch: &Batch,
 ) -> Result<(f32, FlattenedModuleParam)> {
+    let (loss, grads) = lazy_loss_and_grad(model, batch)?;
+    mlx_rs::transforms::eval(std::iter::once(&loss).chain(grads.values()))?;
+    Ok((loss.item_cast::<f32>(), grads))
+}
+
+/// [`loss_and_grad`] as a graph not yet evaluated, built on the current
+/// default stream.
+fn lazy_loss_and_grad(
+    model: &mut dyn CausalLm,
+    batch: &Batch,
+) -> Result<(Array, FlattenedModuleParam)> {
     let segments = batch.segments.clone();
     let loss_fn = |model: &mut &mut dyn CausalLm,
                    (inputs, targets, mask): (Array, Array, Array)|
@@ -179,8 +206,11 @@ pub fn loss_and_grad(
             batch.mask.clone(),
         ),
     )?;
-    mlx_rs::transforms::eval(values.iter().chain(grads.values()))?;
-    Ok((values[0].item_cast::<f32>(), grads))
+    let loss = values
+        .into_iter()
+        .next()
+        .ok_or_else(|| TrainError::InvalidSetting("the loss function returned nothing".into()))?;
+    Ok((loss, grads))
 }
 
 /// The global L2 norm of `gradients`, summed in name order (a hash map's
@@ -204,6 +234,8 @@ pub struct Trainer {
     order: BatchOrder,
     pad_id: u32,
     last_checkpoint: Option<PathBuf>,
+    /// One MLX stream per shard (none when the run uses one stream).
+    streams: Vec<mlx_rs::Stream>,
 }
 
 /// What a checkpoint records besides the arrays.
@@ -223,6 +255,14 @@ impl Trainer {
         let optimizer =
             Optimizer::new(config.optimizer, config.schedule.lr(0), config.weight_decay)?;
         let order = BatchOrder::new(data.train.len(), config.batch_size, config.seed)?;
+        let streams = if config.streams > 1 {
+            let device = mlx_rs::Device::try_default()?;
+            (0..config.streams)
+                .map(|_| mlx_rs::Stream::new_with_device(&device))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             config,
             optimizer,
@@ -230,6 +270,7 @@ impl Trainer {
             order,
             pad_id,
             last_checkpoint: None,
+            streams,
         })
     }
 
@@ -250,6 +291,18 @@ impl Trainer {
         self.batch_of(&examples)
     }
 
+    /// The next micro-batch in the seeded order, as one batch per stream
+    /// (contiguous shares of its examples; fewer when it is short).
+    fn next_shards(&mut self, data: &Dataset) -> Result<Vec<Batch>> {
+        let indices = self.order.next_indices();
+        let examples: Vec<&Example> = indices.iter().map(|&i| &data.train[i]).collect();
+        let shards = self.streams.len().clamp(1, examples.len().max(1));
+        examples
+            .chunks(examples.len().div_ceil(shards).max(1))
+            .map(|share| self.batch_of(share))
+            .collect()
+    }
+
     /// `examples` padded, or packed when the run packs.
     fn batch_of(&self, examples: &[&Example]) -> Result<Batch> {
         match self.config.pack {
@@ -267,6 +320,11 @@ impl Trainer {
         // run draws the same masks.
         mlx_rs::random::seed(self.config.seed.wrapping_add(self.step as u64))?;
         mlx_zoo_core::adapter::set_adapter_training(model, true)?;
+        // Streams share the cores with OpenBLAS's threads: one each.
+        let _blas = (self.streams.len() > 1).then(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            mlx_zoo_core::runtime::limit_blas_threads(cores / self.streams.len())
+        });
         let result = self.accumulate(model, data);
         mlx_zoo_core::adapter::set_adapter_training(model, false)?;
         let (accumulated, loss_sum, loss_tokens, tokens) = result?;
@@ -283,12 +341,36 @@ impl Trainer {
         let mut accumulated: Option<FlattenedModuleParam> = None;
         let (mut loss_sum, mut loss_tokens, mut tokens) = (0f64, 0usize, 0usize);
         for _ in 0..self.config.grad_accum {
-            let batch = self.next_batch(data)?;
-            tokens += batch.inputs.size();
-            if batch.loss_tokens == 0 {
+            let shards = self.next_shards(data)?;
+            tokens += shards.iter().map(|b| b.inputs.size()).sum::<usize>();
+            let counted: usize = shards.iter().map(|b| b.loss_tokens).sum();
+            if counted == 0 {
                 continue;
             }
-            let (loss, grads) = loss_and_grad(model, &batch)?;
+            // Every shard's graph on its own stream, then one evaluation.
+            let mut losses = Vec::new();
+            let mut summed = accumulated.take();
+            for (index, shard) in shards.iter().enumerate() {
+                if shard.loss_tokens == 0 {
+                    continue;
+                }
+                let (loss, grads) = match self.streams.get(index) {
+                    Some(stream) => {
+                        mlx_rs::with_stream(stream, || lazy_loss_and_grad(model, shard))?
+                    }
+                    None => lazy_loss_and_grad(model, shard)?,
+                };
+                let weight = Array::from_f32(shard.loss_tokens as f32);
+                summed = Some(weigh(&grads, &weight, summed)?);
+                losses.push((loss, shard.loss_tokens));
+            }
+            let Some(summed) = summed else { continue };
+            mlx_rs::transforms::eval(losses.iter().map(|(l, _)| l).chain(summed.values()))?;
+            let batch_sum: f64 = losses
+                .iter()
+                .map(|(l, n)| l.item_cast::<f32>() as f64 * *n as f64)
+                .sum();
+            let loss = (batch_sum / counted as f64) as f32;
             if !loss.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
                     step: self.step + 1,
@@ -296,10 +378,9 @@ impl Trainer {
                     last_checkpoint: self.last_checkpoint.clone(),
                 });
             }
-            let weight = Array::from_f32(batch.loss_tokens as f32);
-            loss_sum += loss as f64 * batch.loss_tokens as f64;
-            loss_tokens += batch.loss_tokens;
-            accumulated = Some(weigh(&grads, &weight, accumulated)?);
+            loss_sum += batch_sum;
+            loss_tokens += counted;
+            accumulated = Some(summed);
         }
         let Some(accumulated) = accumulated else {
             return Err(TrainError::InvalidSetting(
