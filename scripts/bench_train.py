@@ -19,7 +19,7 @@ With --qlora the base is quantized to 4 bits (group 64) first: mlx-lm trains
 on a `zoo convert` copy, zoo quantizes at load (the same affine format).
 
     cargo build --release -p mlx-zoo-cli
-    ~/.venvs/zoo-mlxlm/bin/python scripts/bench_train.py [--iters 30] [--qlora] [--grad-checkpoint]
+    ~/.venvs/zoo-mlxlm/bin/python scripts/bench_train.py [--iters 30] [--qlora] [--grad-checkpoint] [--repeat 3]
 """
 
 import argparse
@@ -102,6 +102,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--qlora", action="store_true")
     parser.add_argument("--grad-checkpoint", action="store_true", help="both sides recompute blocks")
+    parser.add_argument("--repeat", type=int, default=1, help="alternating runs per side; medians reported")
     args = parser.parse_args()
     if not ZOO.is_file():
         print(f"build first: cargo build --release -p mlx-zoo-cli ({ZOO} is missing)", file=sys.stderr)
@@ -124,10 +125,19 @@ def main() -> int:
     if args.grad_checkpoint:
         kind += " with gradient checkpointing"
     print(f"{kind} rank {RANK} on q/k/v/o, batch {BATCH} x {SEQ}, {args.iters} steps, median after step 3")
-    zoo = zoo_run(model, data, args.iters, args.qlora, args.grad_checkpoint)
-    print(f"mlx-zoo  {zoo[0]:8.1f} tokens/s  max RSS {zoo[1]:7.1f} MiB")
-    lm = mlx_lm_run(mlx_model, data, args.iters, args.grad_checkpoint)
-    print(f"mlx-lm   {lm[0]:8.1f} tokens/s  max RSS {lm[1]:7.1f} MiB")
+    zoos, lms = [], []
+    for run in range(args.repeat):
+        # Alternating runs, so both sides see the same drift in machine load.
+        zoos.append(zoo_run(model, data, args.iters, args.qlora, args.grad_checkpoint))
+        lms.append(mlx_lm_run(mlx_model, data, args.iters, args.grad_checkpoint))
+        if args.repeat > 1:
+            print(f"run {run + 1}: mlx-zoo {zoos[-1][0]:.1f}, mlx-lm {lms[-1][0]:.1f} tokens/s, "
+                  f"ratio {zoos[-1][0] / lms[-1][0]:.2f}x")
+    zoo = (statistics.median(z[0] for z in zoos), max(z[1] for z in zoos))
+    lm = (statistics.median(m[0] for m in lms), max(m[1] for m in lms))
+    label = f" (median of {args.repeat})" if args.repeat > 1 else ""
+    print(f"mlx-zoo  {zoo[0]:8.1f} tokens/s  max RSS {zoo[1]:7.1f} MiB{label}")
+    print(f"mlx-lm   {lm[0]:8.1f} tokens/s  max RSS {lm[1]:7.1f} MiB{label}")
     print(f"ratio    {zoo[0] / lm[0]:8.2f}x")
     return 0
 
