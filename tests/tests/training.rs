@@ -590,6 +590,29 @@ fn packed_batches_give_the_padded_loss_and_gradients() {
         .unwrap();
         losses(&mut trainer, &mut loaded, &data, 4)
     };
+    // Evaluation packs too, with the same result.
+    let mut model = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    let evaluate = |pack: Option<usize>, model: &mut LoadedModel| {
+        let trainer = Trainer::new(
+            TrainConfig {
+                pack,
+                ..config(1, 1e-3)
+            },
+            &data,
+            0,
+        )
+        .unwrap();
+        trainer
+            .evaluate(model.model.as_mut(), &owned, 0)
+            .unwrap()
+            .unwrap()
+    };
+    let (padded_eval, packed_eval) = (evaluate(None, &mut model), evaluate(Some(32), &mut model));
+    assert!(
+        (padded_eval - packed_eval).abs() < 1e-5,
+        "evaluation: {padded_eval} padded, {packed_eval} packed"
+    );
+
     let padded_losses = losses_of(None);
     let packed_losses = losses_of(Some(32));
     for (a, b) in padded_losses.iter().zip(&packed_losses) {

@@ -459,7 +459,10 @@ impl Trainer {
             }
             let refs: Vec<&Example> = chunk.iter().collect();
             let batch = self.batch_of(&refs)?;
-            let logits = model.forward(&batch.inputs, None)?;
+            let logits = match &batch.segments {
+                Some(segments) => model.forward_packed(&batch.inputs, segments)?,
+                None => model.forward(&batch.inputs, None)?,
+            };
             let (loss, n) = masked_cross_entropy(&logits, &batch.targets, &batch.mask)?;
             let n = n.item_cast::<f32>() as f64;
             sum += loss.item_cast::<f32>() as f64 * n;
