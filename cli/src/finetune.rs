@@ -122,7 +122,7 @@ pub struct FinetuneArgs {
     /// examples never attend to each other.
     #[arg(long)]
     pub pack: bool,
-    /// Data order seed.
+    /// Seed of the data order, the adapters' random start and dropout.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Validation loss every N steps (0: at the end only).
@@ -242,6 +242,9 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
                 modules: args.shape.lora_targets.clone(),
                 ..Default::default()
             };
+            // The adapters' random start comes from MLX's key: seeded, so
+            // the same --seed gives the same run.
+            mlx_rs::random::seed(args.seed).context("seeding MLX's random key")?;
             let layers = loaded
                 .apply_adapter(&registry, method, settings, &targets)
                 .context("attaching the adapters")?;

@@ -557,9 +557,27 @@ fn finetune_trains_resumes_and_writes_adapters_in_both_formats() {
         .fold(0f32, f32::max);
     assert!(diff < 1e-5, "{diff}");
 
+    // Packed rows, gradient checkpointing and one stream change how the
+    // work is done, not what is learnt: the same losses.
+    let packed = dir.path().join("packed");
+    let flags = ["--pack", "--grad-checkpoint", "--streams", "1"];
+    stdout(&run(&packed, &flags));
+    let packed_losses = step_losses(&packed);
+    assert_eq!(packed_losses.len(), expected.len());
+    for (a, b) in expected.iter().zip(&packed_losses) {
+        assert_eq!(a.0, b.0);
+        assert!(
+            (a.1 - b.1).abs() < 1e-3,
+            "{expected:?} vs {packed_losses:?}"
+        );
+    }
+
     let bad = run(&dir.path().join("bad"), &["--decay", "wavy"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--decay wavy"));
+    let bad = run(&dir.path().join("bad-streams"), &["--streams", "0"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("streams"));
 }
 
 /// Peak memory `zoo finetune` measured against what `zoo plan` predicted,
