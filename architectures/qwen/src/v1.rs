@@ -25,6 +25,7 @@ use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::model::LinearVisitor;
 use mlx_zoo_core::nn::{
+    self, AttentionKernelMask,
     causal_mask, checkpointed, embedding, linear, rms_norm, AttentionMask, Embedding, Linear, Rope,
 };
 use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
@@ -254,7 +255,7 @@ impl QwenBlock {
         )?;
         let normed = self.ln_2.forward(&h).context(ctx)?;
         let up = self.mlp.w1.forward(&normed)?;
-        let gate = mlx_rs::nn::silu(self.mlp.w2.forward(&normed)?).context(ctx)?;
+        let gate = nn::silu(&self.mlp.w2.forward(&normed)?)?;
         Ok(h + self.mlp.c_proj.forward(&(up * gate))?)
     }
 }
@@ -385,19 +386,15 @@ fn attention(
     };
     let scale = (dims.head_dim as f32).powf(-0.5);
     let output = match mask {
-        AttentionMask::Causal => mlx_rs::fast::scaled_dot_product_attention(
+        AttentionMask::Causal => nn::attention(
             &queries,
             &keys,
             &values,
             scale,
-            mlx_rs::fast::ScaledDotProductAttentionMask::Causal,
-            None,
+            AttentionKernelMask::Causal,
         ),
-        _ => {
-            mlx_rs::fast::scaled_dot_product_attention(&queries, &keys, &values, scale, None, None)
-        }
-    }
-    .context(ctx)?;
+        _ => nn::attention(&queries, &keys, &values, scale, AttentionKernelMask::None),
+    }?;
     let output = output
         .transpose_axes(&[0, 2, 1, 3])
         .and_then(|o| o.reshape(&[batch, seq, heads * head_dim]))

@@ -3,12 +3,14 @@
 //! It gathers the two native inputs (the mlx-c 0.7.0 sources and a prebuilt
 //! MLX 0.32.2), compiles mlx-c against that MLX, stages `libmlx` so that every
 //! binary finds it without `LD_LIBRARY_PATH` (and runs its matmuls on OpenBLAS
-//! when that is installed), and generates the Rust bindings. Each step caches
+//! when that is installed), compiles mlx-zoo's own CPU primitives, and
+//! generates the Rust bindings. Each step caches
 //! its result outside `target/`, so `cargo clean` does not fetch or compile
 //! the native side twice. The steps live in one module each.
 
 mod bindings;
 mod cache;
+mod kernels;
 mod native;
 mod sources;
 mod stage;
@@ -54,12 +56,21 @@ fn run() -> Result<(), String> {
     let mlx_c = sources::mlx_c_sources(&cache)?;
 
     let built = native::build_mlx_c(&cache, &mlx_c, &mlx, &manifest_dir.join("native"))?;
+    let kernels = kernels::build_kernels(
+        &cache,
+        &mlx_c,
+        &mlx,
+        &manifest_dir.join("native"),
+        &env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default(),
+    )?;
     let prelude = manifest_dir.join("native").join("bindgen_prelude.h");
     bindings::generate(&cache, &mlx_c, &built, &prelude, &out_dir)?;
     let staged = stage::stage_libmlx(&cache, &mlx, &target_os)?;
 
     println!("cargo:rustc-link-search=native={}", built.lib_dir.display());
     println!("cargo:rustc-link-search=native={}", staged.dir.display());
+    println!("cargo:rustc-link-search=native={}", kernels.display());
+    println!("cargo:rustc-link-lib=static=zookernels");
     println!("cargo:rustc-link-lib=static=mlxc");
     println!("cargo:rustc-link-lib=dylib=mlx");
     if target_os == "macos" {

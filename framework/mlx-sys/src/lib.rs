@@ -60,3 +60,32 @@ extern "C" fn set_mlx_defaults() {
         std::env::set_var("MLX_BFS_MAX_WIDTH", DEFAULT_BFS_MAX_WIDTH);
     }
 }
+
+// mlx-zoo's own CPU primitives (`native/kernels`): fused softmax, attention
+// and SiLU with vectorised kernels, as lazy MLX operations. Each returns 0 and sets
+// `res`, or 1 with a message for [`zoo_last_error`]; on a non-CPU stream,
+// or for 16-bit floats, they build MLX's own composition (or compute in
+// float32 and cast back), so callers need not check.
+extern "C" {
+    /// softmax over the last axis of `x`.
+    pub fn zoo_softmax_last_axis(res: *mut mlx_array, x: mlx_array, s: mlx_stream) -> i32;
+    /// `softmax(scale * q @ k^T + mask) @ v` like MLX's
+    /// `fast::scaled_dot_product_attention`; `mask_mode` is `""` or
+    /// `"causal"`, `mask` an empty array or a boolean/additive mask.
+    pub fn zoo_attention(
+        res: *mut mlx_array,
+        queries: mlx_array,
+        keys: mlx_array,
+        values: mlx_array,
+        scale: f32,
+        mask_mode: *const std::os::raw::c_char,
+        mask: mlx_array,
+        s: mlx_stream,
+    ) -> i32;
+    /// `x * sigmoid(x)`.
+    pub fn zoo_silu(res: *mut mlx_array, x: mlx_array, s: mlx_stream) -> i32;
+    /// The calling thread's last failure message (valid until the next call).
+    pub fn zoo_last_error() -> *const std::os::raw::c_char;
+    /// The instruction set the kernels use: `"avx2+fma"` or `"generic"`.
+    pub fn zoo_kernels_isa() -> *const std::os::raw::c_char;
+}

@@ -2,13 +2,13 @@
 //! than query heads), rotary embeddings and an optional KV cache, on MLX's
 //! fused scaled-dot-product attention.
 
+use super::kernels::{attention, AttentionKernelMask};
 use super::layers::{layer_norm, LayerNorm};
 use super::linear::{linear, Linear};
 use super::rope::Rope;
 use crate::cache::LayerKv;
 use crate::error::{Error, MlxContext, Result};
 use crate::model::LinearVisitor;
-use mlx_rs::fast::ScaledDotProductAttentionMask;
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Module;
 use mlx_rs::Array;
@@ -156,30 +156,31 @@ impl Attention {
         };
 
         let output = match mask {
-            AttentionMask::None => mlx_rs::fast::scaled_dot_product_attention(
-                &queries, &keys, &values, self.scale, None, None,
+            AttentionMask::None => attention(
+                &queries,
+                &keys,
+                &values,
+                self.scale,
+                AttentionKernelMask::None,
             ),
             AttentionMask::Causal if uncached && seq >= 2 * CAUSAL_CHUNK => {
                 chunked_causal_attention(&queries, &keys, &values, self.scale)
             }
-            AttentionMask::Causal => mlx_rs::fast::scaled_dot_product_attention(
+            AttentionMask::Causal => attention(
                 &queries,
                 &keys,
                 &values,
                 self.scale,
-                ScaledDotProductAttentionMask::Causal,
-                None,
+                AttentionKernelMask::Causal,
             ),
-            AttentionMask::Additive(mask) => mlx_rs::fast::scaled_dot_product_attention(
+            AttentionMask::Additive(mask) => attention(
                 &queries,
                 &keys,
                 &values,
                 self.scale,
-                ScaledDotProductAttentionMask::Array(mask),
-                None,
+                AttentionKernelMask::Array(mask),
             ),
-        }
-        .context(ctx)?;
+        }?;
         let output = output
             .transpose_axes(&[0, 2, 1, 3])
             .and_then(|o| o.reshape(&[batch, seq, self.num_heads * self.head_dim]))
@@ -195,7 +196,7 @@ const CAUSAL_CHUNK: i32 = 64;
 /// chunks that each attend only to the keys up to their own end: on the
 /// CPU, MLX computes every score of the square and masks half of them, so
 /// this skips 3/8 of the scores, their softmax and their backward pass
-/// (four chunks). Chunk `i` ends at position `e` and sees keys `..e`; MLX's
+/// (four chunks). Chunk `i` ends at position `e` and sees keys `..e`; the
 /// causal mask aligns queries to the end of the keys, which is exactly the
 /// causal mask of the chunk's positions.
 fn chunked_causal_attention(
@@ -203,39 +204,44 @@ fn chunked_causal_attention(
     keys: &Array,
     values: &Array,
     scale: f32,
-) -> std::result::Result<Array, mlx_rs::error::Exception> {
+) -> Result<Array> {
+    let ctx = || "computing chunked causal attention".to_owned();
     let seq = queries.shape()[2];
     let chunks = (seq / CAUSAL_CHUNK).clamp(1, 4);
     let ends: Vec<i32> = (1..=chunks).map(|i| i * seq / chunks).collect();
-    let query_chunks = mlx_rs::ops::split_at_indices(queries, &ends[..ends.len() - 1], 2)?;
+    let query_chunks =
+        mlx_rs::ops::split_at_indices(queries, &ends[..ends.len() - 1], 2).context(ctx)?;
     let mut outputs = Vec::with_capacity(query_chunks.len());
     for (chunk, &end) in query_chunks.iter().zip(&ends) {
         let (keys, values) = if end == seq {
             (keys.clone(), values.clone())
         } else {
-            (
-                mlx_rs::ops::split_at_indices(keys, &[end], 2)?.swap_remove(0),
-                mlx_rs::ops::split_at_indices(values, &[end], 2)?.swap_remove(0),
-            )
+            let prefix = |t: &Array| {
+                mlx_rs::ops::split_at_indices(t, &[end], 2)
+                    .map(|mut parts| parts.swap_remove(0))
+                    .context(ctx)
+            };
+            (prefix(keys)?, prefix(values)?)
         };
-        outputs.push(mlx_rs::fast::scaled_dot_product_attention(
+        outputs.push(attention(
             chunk,
             &keys,
             &values,
             scale,
-            ScaledDotProductAttentionMask::Causal,
-            None,
+            AttentionKernelMask::Causal,
         )?);
     }
-    mlx_rs::ops::concatenate(&outputs, 2)
+    mlx_rs::ops::concatenate(&outputs, 2).context(ctx)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mlx_rs::fast::ScaledDotProductAttentionMask;
 
-    /// The chunked computation equals MLX's whole causal attention, values
-    /// and gradients, with grouped-query heads.
+    /// The chunked computation (through the project's attention kernel)
+    /// equals MLX's whole causal attention, values and gradients, with
+    /// grouped-query heads.
     #[test]
     fn chunked_causal_attention_equals_the_whole_square() {
         let normal = |shape: &[i32], k: u64| {
@@ -260,7 +266,8 @@ mod tests {
         };
         let chunked =
             |args: &[Array]| -> std::result::Result<Vec<Array>, mlx_rs::error::Exception> {
-                let out = chunked_causal_attention(&args[0], &args[1], &args[2], 0.25)?;
+                let out = chunked_causal_attention(&args[0], &args[1], &args[2], 0.25)
+                    .map_err(|e| mlx_rs::error::Exception::custom(e.to_string()))?;
                 Ok(vec![out.square()?.sum(None)?, out])
             };
         let inputs = [q, k, v];

@@ -30,7 +30,7 @@ impl Activation {
     /// Applies the activation.
     pub fn apply(self, x: &Array) -> Result<Array> {
         match self {
-            Activation::Silu => mlx_rs::nn::silu(x),
+            Activation::Silu => return super::kernels::silu(x),
             Activation::Gelu => mlx_rs::nn::gelu(x),
             Activation::GeluNew => mlx_rs::nn::gelu_approximate(x),
             Activation::Relu => mlx_rs::nn::relu(x),

@@ -6,6 +6,7 @@
 
 mod attention;
 mod decoder;
+mod kernels;
 mod layers;
 mod linear;
 mod mask;
@@ -19,6 +20,7 @@ pub use decoder::{
     check_packable, decoder_rules, output_rules, Decoder, DecoderBlock, DecoderConfig,
     DecoderStack, MoeConfig,
 };
+pub use kernels::{attention, kernels_isa, silu, softmax_last_axis, AttentionKernelMask};
 pub use layers::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 pub use linear::{
     dequantize_rows, embedding, expert_linear, linear, set_dequantize_rows, Embedding, Linear,

@@ -1,0 +1,12 @@
+// The AVX2 + FMA copy of the kernel loops (built on x86_64 only, with
+// -mavx2 -mfma; chosen at run time when the CPU has both).
+#define ZOO_ISA avx2
+#include "simd_kernels.hpp"
+#include "simd_table.hpp"
+
+namespace zoo {
+KernelTable avx2_table() {
+  return {"avx2+fma", avx2::softmax_rows, avx2::softmax_vjp_rows, avx2::silu,
+          avx2::silu_vjp};
+}
+} // namespace zoo

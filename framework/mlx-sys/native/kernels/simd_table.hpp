@@ -1,0 +1,21 @@
+// One ISA's set of kernel loops, as function pointers.
+#pragma once
+
+#include <cstddef>
+
+namespace zoo {
+
+struct KernelTable {
+  const char* isa;
+  void (*softmax_rows)(const float*, float*, size_t, size_t);
+  void (*softmax_vjp_rows)(const float*, const float*, float*, size_t, size_t);
+  void (*silu)(const float*, float*, size_t);
+  void (*silu_vjp)(const float*, const float*, float*, size_t);
+};
+
+KernelTable generic_table();
+#if defined(__x86_64__)
+KernelTable avx2_table();
+#endif
+
+} // namespace zoo

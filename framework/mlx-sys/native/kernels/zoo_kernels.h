@@ -1,0 +1,52 @@
+/* mlx-zoo's own MLX operations for the CPU, as a C API in mlx-c's style.
+ *
+ * Each function builds a lazy MLX array like mlx-c's operations do: it
+ * returns 0 and sets `*res`, or returns 1 and leaves a message for
+ * zoo_last_error(). On a non-CPU stream, or for a dtype the kernels do not
+ * cover, the functions build MLX's own composition instead, so callers need
+ * not check. */
+#ifndef ZOO_KERNELS_H
+#define ZOO_KERNELS_H
+
+#include "mlx/c/array.h"
+#include "mlx/c/stream.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* softmax over the last axis (float32 kernel; other floating types are
+ * computed in float32 and cast back, like MLX's precise softmax). */
+int zoo_softmax_last_axis(mlx_array* res, const mlx_array x, const mlx_stream s);
+
+/* softmax(scale * queries @ keys^T + mask) @ values over
+ * [batch, heads, length, head_dim] arrays with grouped key/value heads, as
+ * MLX's fast::scaled_dot_product_attention: `mask_mode` "" or "causal"
+ * (queries aligned to the end of the keys), `mask` an empty array or a
+ * boolean (true = attend) or additive mask. On a non-CPU stream this is
+ * MLX's own fused attention. */
+int zoo_attention(
+    mlx_array* res,
+    const mlx_array queries,
+    const mlx_array keys,
+    const mlx_array values,
+    float scale,
+    const char* mask_mode,
+    const mlx_array mask,
+    const mlx_stream s);
+
+/* x * sigmoid(x), element-wise (float32 kernel; other floating types as
+ * above). */
+int zoo_silu(mlx_array* res, const mlx_array x, const mlx_stream s);
+
+/* The message of the calling thread's last failure. */
+const char* zoo_last_error(void);
+
+/* The instruction set the kernels run with: "avx2+fma" or "generic". */
+const char* zoo_kernels_isa(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
