@@ -25,8 +25,8 @@ use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::model::LinearVisitor;
 use mlx_zoo_core::nn::{
-    self, AttentionKernelMask,
-    causal_mask, checkpointed, embedding, linear, rms_norm, AttentionMask, Embedding, Linear, Rope,
+    self, causal_mask, checkpointed, embedding, linear, rms_norm, AttentionKernelMask,
+    AttentionMask, Embedding, Linear, Rope,
 };
 use mlx_zoo_core::{Architecture, CausalLm, Error, KvCache, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
@@ -386,13 +386,9 @@ fn attention(
     };
     let scale = (dims.head_dim as f32).powf(-0.5);
     let output = match mask {
-        AttentionMask::Causal => nn::attention(
-            &queries,
-            &keys,
-            &values,
-            scale,
-            AttentionKernelMask::Causal,
-        ),
+        AttentionMask::Causal => {
+            nn::attention(&queries, &keys, &values, scale, AttentionKernelMask::Causal)
+        }
         _ => nn::attention(&queries, &keys, &values, scale, AttentionKernelMask::None),
     }?;
     let output = output

@@ -61,8 +61,8 @@ extern "C" fn set_mlx_defaults() {
     }
 }
 
-// mlx-zoo's own CPU primitives (`native/kernels`): fused softmax, attention
-// and SiLU with vectorised kernels, as lazy MLX operations. Each returns 0 and sets
+// mlx-zoo's own CPU primitives (`native/kernels`): fused softmax, attention,
+// SiLU and few-row matrix products with vectorised kernels, as lazy MLX operations. Each returns 0 and sets
 // `res`, or 1 with a message for [`zoo_last_error`]; on a non-CPU stream,
 // or for 16-bit floats, they build MLX's own composition (or compute in
 // float32 and cast back), so callers need not check.
@@ -80,6 +80,19 @@ extern "C" {
         scale: f32,
         mask_mode: *const std::os::raw::c_char,
         mask: mlx_array,
+        s: mlx_stream,
+    ) -> i32;
+    /// `x @ w^T` for 1-4 input rows with a float32 or affine-quantized
+    /// (4/8-bit, float32 scales and biases) weight; empty `scales` means a
+    /// float weight. Other cases fall back to MLX's own operations.
+    pub fn zoo_matvec(
+        res: *mut mlx_array,
+        x: mlx_array,
+        w: mlx_array,
+        scales: mlx_array,
+        biases: mlx_array,
+        bits: i32,
+        group_size: i32,
         s: mlx_stream,
     ) -> i32;
     /// `x * sigmoid(x)`.

@@ -1,10 +1,12 @@
 //! mlx-zoo's own CPU operations, reached through `mlx-sys`: softmax over the
-//! last axis, attention built on it, and SiLU, each a lazy MLX operation
+//! last axis, attention built on it, SiLU and few-row matrix products, each a lazy MLX operation
 //! with a vectorised kernel (AVX2 + FMA where the CPU has them) and its own
 //! backward pass. MLX's element-wise kernels are scalar on x86 (`exp` costs
 //! about 20 ns a value), which made attention's softmax and the MLP's SiLU a
 //! large share of a training step; these run the same mathematics in one
-//! pass. On a GPU stream they build MLX's own operations instead.
+//! pass. Matrix products of a few rows (token-by-token decoding) get a
+//! multi-threaded kernel for float32 and 4/8-bit weights. On a GPU stream
+//! these build MLX's own operations instead.
 
 use crate::error::{Error, Result};
 use mlx_rs::{Array, Stream};
@@ -56,8 +58,18 @@ pub fn attention(
 ) -> Result<Array> {
     let stream = Stream::thread_local_or_default();
     let (mode, mask): (&CStr, mlx_sys::mlx_array) = match mask {
-        AttentionKernelMask::None => (c"", mlx_sys::mlx_array { ctx: std::ptr::null_mut() }),
-        AttentionKernelMask::Causal => (c"causal", mlx_sys::mlx_array { ctx: std::ptr::null_mut() }),
+        AttentionKernelMask::None => (
+            c"",
+            mlx_sys::mlx_array {
+                ctx: std::ptr::null_mut(),
+            },
+        ),
+        AttentionKernelMask::Causal => (
+            c"causal",
+            mlx_sys::mlx_array {
+                ctx: std::ptr::null_mut(),
+            },
+        ),
         AttentionKernelMask::Array(mask) => (c"", mask.as_ptr()),
     };
     // SAFETY: every handle is live for the call; an empty mask handle means
@@ -74,6 +86,59 @@ pub fn attention(
             stream.as_ptr(),
         )
     })
+}
+
+/// Input rows up to which [`matvec`] runs the project's own kernels.
+pub const MATVEC_MAX_ROWS: usize = 4;
+
+/// `x @ weight^T` for a float32 weight `[out, in]`, or for an
+/// affine-quantized one in MLX's layout when `quantized` gives its scales,
+/// biases, bits and group size. With 1 to [`MATVEC_MAX_ROWS`] float32 input
+/// rows, a CPU stream, a float32 weight or 4/8-bit weight with float32
+/// scales and biases, this runs the project's multi-threaded kernel (MLX's
+/// quantized matmul is single-threaded on the CPU, and its float path pays
+/// BLAS's set-up for one row); anything else runs MLX's own operation.
+pub fn matvec(x: &Array, weight: &Array, quantized: Option<QuantizedWeight<'_>>) -> Result<Array> {
+    let stream = Stream::thread_local_or_default();
+    let empty = || mlx_sys::mlx_array {
+        ctx: std::ptr::null_mut(),
+    };
+    let (scales, biases, bits, group) = match quantized {
+        Some(q) => (
+            q.scales.as_ptr(),
+            q.biases.map(Array::as_ptr).unwrap_or_else(empty),
+            q.bits,
+            q.group_size,
+        ),
+        None => (empty(), empty(), 0, 0),
+    };
+    // SAFETY: every handle is live for the call; empty handles mean "absent"
+    // to the callee, which only reads them.
+    build("a matrix product", |res| unsafe {
+        mlx_sys::zoo_matvec(
+            res,
+            x.as_ptr(),
+            weight.as_ptr(),
+            scales,
+            biases,
+            bits,
+            group,
+            stream.as_ptr(),
+        )
+    })
+}
+
+/// The quantization parameters of a weight passed to [`matvec`].
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizedWeight<'a> {
+    /// One scale per group and output.
+    pub scales: &'a Array,
+    /// One bias per group and output, when the format has them.
+    pub biases: Option<&'a Array>,
+    /// Bits per value.
+    pub bits: i32,
+    /// Inputs per group.
+    pub group_size: i32,
 }
 
 /// The instruction set the kernels run with on this CPU (`"avx2+fma"` or
@@ -164,7 +229,9 @@ mod tests {
     #[test]
     fn softmax_equals_mlx_in_values_and_gradients() {
         // Large, small and masked-out (lowest float) scores in one row set.
-        let x = normal(&[3, 5, 77], 1).multiply(Array::from_f32(30.0)).unwrap();
+        let x = normal(&[3, 5, 77], 1)
+            .multiply(Array::from_f32(30.0))
+            .unwrap();
         let lowest = Array::from_f32(f32::MIN);
         let keep = normal(&[3, 5, 77], 2).gt(Array::from_f32(-1.0)).unwrap();
         let x = mlx_rs::ops::select(&keep, &x, &lowest).unwrap();
@@ -207,7 +274,9 @@ mod tests {
 
     #[test]
     fn silu_equals_mlx_in_values_and_gradients() {
-        let x = normal(&[4, 9, 130], 5).multiply(Array::from_f32(12.0)).unwrap();
+        let x = normal(&[4, 9, 130], 5)
+            .multiply(Array::from_f32(12.0))
+            .unwrap();
         let weights = normal(&[4, 9, 130], 6);
         let w = weights.clone();
         assert_same_values_and_gradients(
@@ -272,12 +341,89 @@ mod tests {
         let q = normal(&[1, 3, 2, 4], 13);
         let kv = normal(&[1, 2, 2, 4], 14);
         let err = attention(&q, &kv, &kv, 1.0, AttentionKernelMask::None).unwrap_err();
-        assert!(err.to_string().contains("multiple of the key/value heads"), "{err}");
+        assert!(
+            err.to_string().contains("multiple of the key/value heads"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn float_matvec_equals_matmul_in_values_and_gradients() {
+        for rows in [1, 2, 4] {
+            let x = normal(&[rows, 1, 200], 15);
+            let w = normal(&[67, 200], 16);
+            let weights = normal(&[rows, 1, 67], 17);
+            let v = weights.clone();
+            assert_same_values_and_gradients(
+                |a| weighted(mlx_rs::ops::matmul(&a[0], a[1].t())?, &weights),
+                |a| weighted(ours(matvec(&a[0], &a[1], None))?, &v),
+                &[x, w],
+                &[0, 1],
+                2e-4,
+            );
+        }
+    }
+
+    #[test]
+    fn quantized_matvec_equals_mlx_in_values_and_input_gradients() {
+        for (bits, group) in [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64)] {
+            for rows in [1, 3] {
+                let w = normal(&[96, 256], 18);
+                let (packed, scales, biases) = mlx_rs::ops::quantize(&w, group, bits).unwrap();
+                let x = normal(&[rows, 256], 19);
+                let weights = normal(&[rows, 96], 20);
+                let v = weights.clone();
+                let (p, s, b) = (packed.clone(), scales.clone(), biases.clone());
+                assert_same_values_and_gradients(
+                    |a| {
+                        let out = mlx_rs::ops::quantized_matmul(
+                            &a[0], &packed, &scales, &biases, true, group, bits,
+                        )?;
+                        weighted(out, &weights)
+                    },
+                    |a| {
+                        let q = QuantizedWeight {
+                            scales: &s,
+                            biases: Some(&b),
+                            bits,
+                            group_size: group,
+                        };
+                        weighted(ours(matvec(&a[0], &p, Some(q)))?, &v)
+                    },
+                    &[x],
+                    &[0],
+                    2e-4,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matvec_outside_its_kernels_is_mlx() {
+        // Five rows (beyond the kernels) and 3-bit weights take MLX's path.
+        let w = normal(&[32, 64], 21);
+        let x = normal(&[5, 64], 22);
+        let expected = mlx_rs::ops::matmul(&x, w.t()).unwrap();
+        assert!(max_diff(&matvec(&x, &w, None).unwrap(), &expected) < 1e-5);
+        let (packed, scales, biases) = mlx_rs::ops::quantize(&w, 32, 3).unwrap();
+        let q = QuantizedWeight {
+            scales: &scales,
+            biases: Some(&biases),
+            bits: 3,
+            group_size: 32,
+        };
+        let x = normal(&[1, 64], 23);
+        let expected =
+            mlx_rs::ops::quantized_matmul(&x, &packed, &scales, &biases, true, 32, 3).unwrap();
+        assert!(max_diff(&matvec(&x, &packed, Some(q)).unwrap(), &expected) < 1e-5);
     }
 
     #[test]
     fn the_kernels_report_their_instruction_set() {
         let isa = kernels_isa();
         assert!(isa == "avx2+fma" || isa == "generic", "{isa}");
+        if std::env::var("ZOO_KERNELS_ISA").as_deref() == Ok("generic") {
+            assert_eq!(isa, "generic");
+        }
     }
 }

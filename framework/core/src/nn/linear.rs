@@ -16,6 +16,7 @@
 //! [`set_dequantize_rows`]), so quantization keeps its memory win without
 //! its CPU speed loss.
 
+use super::kernels::{matvec, QuantizedWeight, MATVEC_MAX_ROWS};
 use crate::adapter::{Adapter, AdapterParams, AdapterSettings};
 use crate::error::{Error, MlxContext, Result};
 use crate::quantize::{QuantSettings, Quantizer};
@@ -416,26 +417,27 @@ impl Linear {
     /// `x @ weight.T`, choosing the quantized path per call.
     fn base_forward(&self, x: &Array) -> Result<Array> {
         let ctx = || "applying a linear layer".to_owned();
+        let rows: usize = x.shape()[..x.ndim() - 1]
+            .iter()
+            .map(|&d| d as usize)
+            .product();
         let output = match self.quantization {
+            None if rows <= MATVEC_MAX_ROWS => matvec(x, self.weight.as_ref(), None)?,
             None => mlx_rs::ops::matmul(x, self.weight.as_ref().t()).context(ctx)?,
-            Some(q) => {
-                let rows: i32 = x.shape()[..x.ndim() - 1].iter().product();
-                if rows as usize >= dequantize_rows() {
-                    let weight = self.float_weight()?.as_dtype(x.dtype()).context(ctx)?;
-                    mlx_rs::ops::matmul(x, weight.t()).context(ctx)?
-                } else {
-                    mlx_rs::ops::quantized_matmul(
-                        x,
-                        self.weight.as_ref(),
-                        self.scales_array()?,
-                        self.biases.as_ref().as_ref(),
-                        true,
-                        q.group_size as i32,
-                        q.bits as i32,
-                    )
-                    .context(ctx)?
-                }
+            Some(_) if rows >= dequantize_rows() => {
+                let weight = self.float_weight()?.as_dtype(x.dtype()).context(ctx)?;
+                mlx_rs::ops::matmul(x, weight.t()).context(ctx)?
             }
+            Some(q) => matvec(
+                x,
+                self.weight.as_ref(),
+                Some(QuantizedWeight {
+                    scales: self.scales_array()?,
+                    biases: self.biases.as_ref().as_ref(),
+                    bits: q.bits as i32,
+                    group_size: q.group_size as i32,
+                }),
+            )?,
         };
         Ok(output)
     }

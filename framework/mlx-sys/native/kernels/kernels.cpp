@@ -11,9 +11,18 @@
 
 #include "zoo_kernels.h"
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -33,19 +42,157 @@ using mlx::core::Shape;
 using mlx::core::Stream;
 using mlx::core::UnaryPrimitive;
 
-// The kernel table for this CPU, chosen once.
+// The kernel table for this CPU, chosen once (see ZOO_KERNELS_ISA).
 const KernelTable& kernels() {
   static const KernelTable table = [] {
+    // ZOO_KERNELS_ISA=generic keeps the baseline loops (to test them).
+    const char* wanted = std::getenv("ZOO_KERNELS_ISA");
+    bool generic_only = wanted != nullptr && std::string(wanted) == "generic";
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (!generic_only && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma")) {
       return avx2_table();
     }
 #endif
+    (void)generic_only;
     return generic_table();
   }();
   return table;
 }
+
+// A few threads that share one parallel loop at a time with the calling
+// thread (the MLX stream thread evaluating a primitive). Between jobs a
+// worker spins for a millisecond before it sleeps, so the matrix-vector
+// products of one decoding step, dispatched microseconds apart, find it
+// awake; parts are claimed dynamically, so a sleeping worker only delays
+// the parts it has already claimed. A second caller while a job runs (two
+// streams at once) runs its loop alone rather than wait.
+class WorkerPool {
+ public:
+  static WorkerPool& instance() {
+    // Never destroyed: worker threads must not be joined during exit.
+    static WorkerPool* pool = new WorkerPool(default_threads());
+    return *pool;
+  }
+
+  // Threads that take part in a job, the caller included.
+  int threads() const {
+    return static_cast<int>(workers_.size()) + 1;
+  }
+
+  // Runs body(part) for every part in [0, parts).
+  void run(int parts, const std::function<void(int)>& body) {
+    std::unique_lock<std::mutex> exclusive(run_mutex_, std::try_to_lock);
+    if (!exclusive.owns_lock() || workers_.empty() || parts <= 1) {
+      for (int part = 0; part < parts; ++part) {
+        body(part);
+      }
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      body_ = &body;
+      parts_ = parts;
+      next_.store(0, std::memory_order_relaxed);
+      unfinished_.store(parts, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work(&body);
+    while (unfinished_.load(std::memory_order_acquire) > 0) {
+      pause();
+    }
+    // Retire the job only once no worker is inside it, so that none can
+    // claim a part of the next job with this job's body.
+    for (;;) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (active_.load(std::memory_order_acquire) == 0) {
+        body_ = nullptr;
+        return;
+      }
+    }
+  }
+
+ private:
+  explicit WorkerPool(int threads) {
+    for (int i = 1; i < threads; ++i) {
+      workers_.emplace_back([this] { serve(); });
+    }
+  }
+
+  // ZOO_KERNEL_THREADS, or the hardware's threads (at most 8).
+  static int default_threads() {
+    if (const char* value = std::getenv("ZOO_KERNEL_THREADS")) {
+      int parsed = std::atoi(value);
+      if (parsed >= 1) {
+        return parsed;
+      }
+    }
+    int hardware = static_cast<int>(std::thread::hardware_concurrency());
+    return std::clamp(hardware, 1, 8);
+  }
+
+  static void pause() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  // Claims and runs parts until none are left.
+  void work(const std::function<void(int)>* body) {
+    for (;;) {
+      int part = next_.fetch_add(1, std::memory_order_relaxed);
+      if (part >= parts_) {
+        return;
+      }
+      (*body)(part);
+      unfinished_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void serve() {
+    uint64_t seen = 0;
+    for (;;) {
+      auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
+      int spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        pause();
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          wake_.wait(lock, [&] {
+            return generation_.load(std::memory_order_acquire) != seen;
+          });
+        }
+      }
+      const std::function<void(int)>* body;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        seen = generation_.load(std::memory_order_acquire);
+        body = body_;
+        if (body == nullptr) {
+          continue;
+        }
+        active_.fetch_add(1, std::memory_order_acq_rel);
+      }
+      work(body);
+      active_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex run_mutex_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  const std::function<void(int)>* body_ = nullptr;
+  int parts_ = 0;
+  std::atomic<int> next_{0};
+  std::atomic<int> unfinished_{0};
+  std::atomic<int> active_{0};
+  std::atomic<uint64_t> generation_{0};
+};
 
 // Gives `out` a buffer: `donor`'s when nothing else holds it (as MLX's
 // element-wise kernels do), a fresh one otherwise.
@@ -65,6 +212,9 @@ void require_dense(const array& a, const char* op) {
         "] expects a row-contiguous float32 input (internal error)");
   }
 }
+
+// Input rows up to which `zoo_matvec` uses its own kernel.
+constexpr size_t kMaxRows = 4;
 
 // The cotangent of softmax over the last axis: inputs (y, g).
 class SoftmaxVjp : public UnaryPrimitive {
@@ -232,6 +382,178 @@ class Silu : public UnaryPrimitive {
   }
 };
 
+// The product x @ w^T of a few input rows with a float32 weight [n, k] or an
+// affine-quantized one (4 or 8 bits, float32 scales and biases), its output
+// columns split over the worker pool. Inputs: (x, w) or (x, w, scales,
+// biases); x is [..., k] with at most kMaxMatvecRows rows.
+class Matvec : public UnaryPrimitive {
+ public:
+  Matvec(Stream stream, int bits, int group)
+      : UnaryPrimitive(stream), bits_(bits), group_(group) {}
+
+  void eval_cpu(const std::vector<array>& inputs, array& out) override {
+    for (const array& input : inputs) {
+      if (!input.flags().row_contiguous) {
+        throw std::runtime_error(
+            "[ZooMatvec] expects row-contiguous inputs (internal error)");
+      }
+    }
+    const array& x = inputs[0];
+    const array& w = inputs[1];
+    out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    size_t k = static_cast<size_t>(x.shape(-1));
+    size_t n = static_cast<size_t>(w.shape(0));
+    size_t m = k == 0 ? 0 : x.size() / k;
+    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
+    for (const array& input : inputs) {
+      encoder.set_input_array(input);
+    }
+    encoder.set_output_array(out);
+    // Parts of at least 32 output columns, a few per thread.
+    WorkerPool& pool = WorkerPool::instance();
+    int parts = static_cast<int>(
+        std::clamp<size_t>(n / 32, 1, static_cast<size_t>(4 * pool.threads())));
+    float* y = out.data<float>();
+    const float* xs = x.data<float>();
+    if (bits_ == 0) {
+      encoder.dispatch([xs, ws = w.data<float>(), y, m, k, n, parts, &pool]() {
+        pool.run(parts, [&](int part) {
+          size_t n0 = n * part / parts;
+          size_t n1 = n * (part + 1) / parts;
+          kernels().matvec_f32(ws, xs, y, m, k, n, n0, n1);
+        });
+      });
+      return;
+    }
+    encoder.dispatch([xs,
+                      ws = w.data<uint32_t>(),
+                      scales = inputs[2].data<float>(),
+                      biases = inputs[3].data<float>(),
+                      y, m, k, n, parts, &pool,
+                      bits = bits_, group = group_]() {
+      size_t groups = k / group;
+      std::vector<float> xsums(m * groups, 0.0f);
+      for (size_t r = 0; r < m; ++r) {
+        for (size_t g = 0; g < groups; ++g) {
+          float sum = 0.0f;
+          for (int i = 0; i < group; ++i) {
+            sum += xs[r * k + g * group + i];
+          }
+          xsums[r * groups + g] = sum;
+        }
+      }
+      pool.run(parts, [&](int part) {
+        size_t n0 = n * part / parts;
+        size_t n1 = n * (part + 1) / parts;
+        kernels().matvec_quantized(
+            ws, scales, biases, xs, xsums.data(), y, m, k, n, bits, group, n0,
+            n1);
+      });
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("[ZooMatvec] runs on the CPU only");
+  }
+  // Gradients reach the input through the (de-quantized) weight and, for a
+  // float weight, the weight; quantized parameters have none (as in MLX).
+  std::vector<array> vjp(
+      const std::vector<array>& primals,
+      const std::vector<array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<array>&) override {
+    namespace mx = mlx::core;
+    const array& x = primals[0];
+    const array& g = cotangents[0];
+    std::vector<array> grads;
+    for (int arg : argnums) {
+      if (arg == 0) {
+        array weight = bits_ == 0
+            ? primals[1]
+            : mx::dequantize(
+                  primals[1], primals[2], primals[3], group_, bits_, "affine",
+                  std::nullopt, mx::float32, stream());
+        grads.push_back(mx::matmul(g, weight, stream()));
+      } else if (arg == 1 && bits_ == 0) {
+        int k = x.shape(-1);
+        int n = g.shape(-1);
+        grads.push_back(mx::matmul(
+            mx::transpose(mx::reshape(g, {-1, n}, stream()), stream()),
+            mx::reshape(x, {-1, k}, stream()),
+            stream()));
+      } else {
+        throw std::invalid_argument(
+            "[ZooMatvec] quantized weights, scales and biases have no gradient");
+      }
+    }
+    return grads;
+  }
+  const char* name() const override {
+    return "ZooMatvec";
+  }
+  bool is_equivalent(const Primitive& other) const override {
+    const auto& o = static_cast<const Matvec&>(other);
+    return bits_ == o.bits_ && group_ == o.group_;
+  }
+  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
+    Shape shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+ private:
+  int bits_;
+  int group_;
+};
+
+// x @ w^T through `Matvec` when the kernels cover the case (CPU stream,
+// float32, 1 to 4 rows, 4 or 8 bits with float32 scales and biases), MLX's
+// matmul / quantized_matmul otherwise.
+array matvec(
+    const array& x,
+    const array& w,
+    const std::optional<array>& scales,
+    const std::optional<array>& biases,
+    int bits,
+    int group,
+    const Stream& s) {
+  namespace mx = mlx::core;
+  bool quantized = scales.has_value();
+  if (x.ndim() == 0) {
+    throw std::invalid_argument("[zoo_matvec] expects an input with features");
+  }
+  int k = x.shape(-1);
+  size_t rows = k == 0 ? 0 : x.size() / k;
+  bool covered = s.device == mx::Device::cpu && x.dtype() == mx::float32 &&
+      rows >= 1 && rows <= kMaxRows && w.ndim() == 2;
+  if (quantized) {
+    covered = covered && biases.has_value() && (bits == 4 || bits == 8) &&
+        group % 8 == 0 && k % group == 0 && w.dtype() == mx::uint32 &&
+        scales->dtype() == mx::float32 && biases->dtype() == mx::float32 &&
+        w.shape(1) * (32 / bits) == k;
+  } else {
+    covered = covered && w.dtype() == mx::float32 && w.shape(1) == k;
+  }
+  if (!covered) {
+    return quantized
+        ? mx::quantized_matmul(x, w, *scales, biases, true, group, bits,
+                               "affine", s)
+        : mx::matmul(x, mx::transpose(w, s), s);
+  }
+  Shape shape = x.shape();
+  shape.back() = w.shape(0);
+  std::vector<array> inputs = {mx::contiguous(x, false, s),
+                               mx::contiguous(w, false, s)};
+  if (quantized) {
+    inputs.push_back(mx::contiguous(*scales, false, s));
+    inputs.push_back(mx::contiguous(*biases, false, s));
+  }
+  return array(
+      shape,
+      mx::float32,
+      std::make_shared<Matvec>(s, quantized ? bits : 0, group),
+      std::move(inputs));
+}
+
 // Applies primitive `P` to `x` in float32 on a CPU stream, casting other
 // floating types there and back; elsewhere returns `fallback(x)`.
 template <class P, class Fallback>
@@ -390,6 +712,35 @@ extern "C" int zoo_silu(mlx_array* res, const mlx_array x, const mlx_stream s) {
         input, stream, "zoo_silu", [&](const auto& a) {
           return mlx::core::multiply(a, mlx::core::sigmoid(a, stream), stream);
         });
+  });
+}
+
+extern "C" int zoo_matvec(
+    mlx_array* res,
+    const mlx_array x,
+    const mlx_array w,
+    const mlx_array scales,
+    const mlx_array biases,
+    int bits,
+    int group_size,
+    const mlx_stream s) {
+  return zoo::guarded(res, [&] {
+    std::optional<mlx::core::array> scales_array;
+    std::optional<mlx::core::array> biases_array;
+    if (scales.ctx) {
+      scales_array = mlx_array_get_(scales);
+    }
+    if (biases.ctx) {
+      biases_array = mlx_array_get_(biases);
+    }
+    return zoo::matvec(
+        mlx_array_get_(x),
+        mlx_array_get_(w),
+        scales_array,
+        biases_array,
+        bits,
+        group_size,
+        mlx_stream_get_(s));
   });
 }
 

@@ -6,6 +6,7 @@
 namespace zoo {
 KernelTable generic_table() {
   return {"generic", generic::softmax_rows, generic::softmax_vjp_rows,
-          generic::silu, generic::silu_vjp};
+          generic::silu, generic::silu_vjp, generic::matvec_f32,
+          generic::matvec_quantized};
 }
 } // namespace zoo

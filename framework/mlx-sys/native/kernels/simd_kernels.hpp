@@ -11,6 +11,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace zoo::ZOO_ISA {
 
 // exp(x) to about one ulp for x in [-86.6, 88.7] (Cephes' expf polynomial on
@@ -111,6 +115,126 @@ inline void silu_vjp(const float* x, const float* g, float* out, size_t n) {
     float s = sigmoid(x[i]);
     out[i] = g[i] * s * (1.0f + x[i] * (1.0f - s));
   }
+}
+
+// Matrix-vector products for a few rows (token-by-token decoding): the
+// weight is [n, k] row-major, the input [m, k], the output [m, n]; each call
+// computes the output columns [n0, n1) so that threads can share a product.
+
+constexpr size_t kMaxMatvecRows = 4;
+
+// y[r, j] = sum_i w[j, i] x[r, i] for j in [n0, n1), r < m (m <= 4).
+inline void matvec_f32(
+    const float* w,
+    const float* x,
+    float* y,
+    size_t m,
+    size_t k,
+    size_t n,
+    size_t n0,
+    size_t n1) {
+  for (size_t j = n0; j < n1; ++j) {
+    const float* row = w + j * k;
+    for (size_t r = 0; r < m; ++r) {
+      const float* xr = x + r * k;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (size_t i = 0; i < k; ++i) {
+        acc += row[i] * xr[i];
+      }
+      y[r * n + j] = acc;
+    }
+  }
+}
+
+// The same for an affine-quantized weight in MLX's layout: `bits` (4 or 8)
+// per value packed little-end first into uint32 words, one scale and bias
+// per `group` consecutive inputs ([n, k / group] float32 each), the weight
+// being scale * q + bias. `xsums` holds each input row's sum over each group
+// ([m, k / group]), so the bias term costs one multiply per group.
+inline void matvec_quantized(
+    const uint32_t* w,
+    const float* scales,
+    const float* biases,
+    const float* x,
+    const float* xsums,
+    float* y,
+    size_t m,
+    size_t k,
+    size_t n,
+    int bits,
+    int group,
+    size_t n0,
+    size_t n1) {
+  const size_t per_word = 32 / bits;
+  const size_t words_per_row = k / per_word;
+  const size_t groups = k / group;
+  const size_t words_per_group = group / per_word;
+  const uint32_t mask = (1u << bits) - 1;
+  for (size_t j = n0; j < n1; ++j) {
+    const uint32_t* row = w + j * words_per_row;
+    float total[kMaxMatvecRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (size_t g = 0; g < groups; ++g) {
+      const uint32_t* words = row + g * words_per_group;
+      float dot[kMaxMatvecRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(__AVX2__) && defined(__FMA__)
+      __m256 acc[kMaxMatvecRows];
+      for (size_t r = 0; r < m; ++r) {
+        acc[r] = _mm256_setzero_ps();
+      }
+      if (bits == 4) {
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        const __m256i low = _mm256_set1_epi32(15);
+        for (size_t v = 0; v < words_per_group; ++v) {
+          __m256i q = _mm256_and_si256(
+              _mm256_srlv_epi32(_mm256_set1_epi32(words[v]), shifts), low);
+          __m256 qf = _mm256_cvtepi32_ps(q);
+          size_t at = g * group + v * 8;
+          for (size_t r = 0; r < m; ++r) {
+            acc[r] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(x + r * k + at), acc[r]);
+          }
+        }
+      } else {
+        for (size_t v = 0; v < words_per_group; v += 2) {
+          __m128i bytes = _mm_loadl_epi64(
+              reinterpret_cast<const __m128i*>(words + v));
+          __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+          size_t at = g * group + v * 4;
+          for (size_t r = 0; r < m; ++r) {
+            acc[r] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(x + r * k + at), acc[r]);
+          }
+        }
+      }
+      for (size_t r = 0; r < m; ++r) {
+        __m128 half = _mm_add_ps(
+            _mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        half = _mm_add_ss(half, _mm_movehdup_ps(half));
+        dot[r] = _mm_cvtss_f32(half);
+      }
+#else
+      for (size_t v = 0; v < words_per_group; ++v) {
+        uint32_t word = words[v];
+        size_t at = g * group + v * per_word;
+        for (size_t e = 0; e < per_word; ++e) {
+          float q = static_cast<float>((word >> (bits * e)) & mask);
+          for (size_t r = 0; r < m; ++r) {
+            dot[r] += q * x[r * k + at + e];
+          }
+        }
+      }
+#endif
+      float scale = scales[j * groups + g];
+      float bias = biases[j * groups + g];
+      for (size_t r = 0; r < m; ++r) {
+        total[r] += scale * dot[r] + bias * xsums[r * groups + g];
+      }
+    }
+    for (size_t r = 0; r < m; ++r) {
+      y[r * n + j] = total[r];
+    }
+  }
+  (void)mask;
 }
 
 } // namespace zoo::ZOO_ISA

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace zoo {
 
@@ -11,6 +12,12 @@ struct KernelTable {
   void (*softmax_vjp_rows)(const float*, const float*, float*, size_t, size_t);
   void (*silu)(const float*, float*, size_t);
   void (*silu_vjp)(const float*, const float*, float*, size_t);
+  void (*matvec_f32)(
+      const float*, const float*, float*, size_t, size_t, size_t, size_t,
+      size_t);
+  void (*matvec_quantized)(
+      const uint32_t*, const float*, const float*, const float*, const float*,
+      float*, size_t, size_t, size_t, int, int, size_t, size_t);
 };
 
 KernelTable generic_table();

@@ -35,6 +35,21 @@ int zoo_attention(
     const mlx_array mask,
     const mlx_stream s);
 
+/* x @ w^T for an input of 1 to 4 rows: w float32 [n, k], or (with
+ * `scales` and `biases`) MLX's affine-quantized layout with `bits` 4 or 8
+ * and `group_size` inputs per scale; multi-threaded kernels. Anything else
+ * (more rows, other dtypes or bit widths, an empty `biases`) is MLX's
+ * matmul / quantized_matmul. */
+int zoo_matvec(
+    mlx_array* res,
+    const mlx_array x,
+    const mlx_array w,
+    const mlx_array scales,
+    const mlx_array biases,
+    int bits,
+    int group_size,
+    const mlx_stream s);
+
 /* x * sigmoid(x), element-wise (float32 kernel; other floating types as
  * above). */
 int zoo_silu(mlx_array* res, const mlx_array x, const mlx_stream s);
