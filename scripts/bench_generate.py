@@ -16,6 +16,7 @@ docs/BENCHMARKS.md).
     ~/.venvs/zoo-mlxlm/bin/python scripts/bench_generate.py
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ROOT / "target" / "release" / "zoo"
 CACHE = Path(os.environ.get("MLX_ZOO_BENCH", Path.home() / ".cache" / "mlx-zoo" / "bench"))
-PROMPT_TOKENS, NEW_TOKENS, RUNS = 64, 128, 3
+PROMPT_TOKENS, NEW_TOKENS, RUNS = 64, 128, 5
 
 
 def make_model(path: Path) -> None:
@@ -100,6 +101,9 @@ def mlx_lm_run(model_dir: Path, prompt: list[int]) -> tuple[float, float]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=RUNS, help="alternating runs per engine; medians reported")
+    runs_wanted = parser.parse_args().runs
     if not ZOO.is_file():
         print(f"build first: cargo build --release -p mlx-zoo-cli ({ZOO} is missing)", file=sys.stderr)
         return 1
@@ -110,12 +114,17 @@ def main() -> int:
         subprocess.run([str(ZOO), "-q", "convert", str(float_dir), "--out", str(q4_dir), "--q-bits", "4",
                         "--q-group-size", "64"], check=True, capture_output=True)
     prompt = [(7 * i + 3) % 256 for i in range(PROMPT_TOKENS)]
-    print(f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, median of {RUNS} runs")
+    print(f"{PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, median of {runs_wanted} alternating runs")
     print(f"{'model':<10} {'engine':<8} {'prompt tok/s':>13} {'gen tok/s':>10}")
     for name, path in [("float32", float_dir), ("4-bit", q4_dir)]:
+        engines = [("mlx-zoo", zoo_run), ("mlx-lm", mlx_lm_run)]
+        measured = {engine: [] for engine, _ in engines}
+        # Alternate the engines so that both see the machine's slow phases.
+        for _ in range(runs_wanted):
+            for engine, run in engines:
+                measured[engine].append(run(path, prompt))
         results = {}
-        for engine, run in [("mlx-zoo", zoo_run), ("mlx-lm", mlx_lm_run)]:
-            runs = [run(path, prompt) for _ in range(RUNS)]
+        for engine, runs in measured.items():
             results[engine] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
             print(f"{name:<10} {engine:<8} {results[engine][0]:>13.1f} {results[engine][1]:>10.1f}")
         ratio_p = results["mlx-zoo"][0] / results["mlx-lm"][0]

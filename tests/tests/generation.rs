@@ -69,6 +69,17 @@ fn greedy_generation_matches_transformers_token_by_token() {
             generation.next().is_none(),
             "{case}: generated past max_tokens"
         );
+        // Without reading logits in between, greedy decoding chooses on the
+        // device and runs a forward pass ahead: the same tokens.
+        let options = GenerateOptions {
+            max_tokens: expected.len(),
+            ..Default::default()
+        };
+        let ahead: Vec<u32> = generate(loaded.model.as_mut(), &prompt, options)
+            .unwrap()
+            .map(|t| t.unwrap())
+            .collect();
+        assert_eq!(ahead, expected, "{case}: run-ahead greedy decoding");
         eprintln!("{case}: 10 greedy tokens as transformers, step logits within {worst:e}");
     }
 }
@@ -226,9 +237,18 @@ fn a_quantized_kv_cache_tracks_the_float_cache_in_a_quarter_of_the_memory() {
             );
         }
         // Per position and head: 32 values as `bits`-bit codes plus one f32
-        // scale and bias, against 32 f32.
+        // scale and bias, against 32 f32 (the float cache's stored
+        // positions; its buffers hold a whole growth step).
         let expected = (32 * bits as usize / 8 + 8) as f64 / (32 * 4) as f64;
-        let ratio = cache.nbytes() as f64 / float_cache.nbytes() as f64;
+        let dims = model.dims();
+        let float_bytes = ids.len() * dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim * 4;
+        let stored: usize = float_cache.layers().iter().map(|l| l.stored()).sum();
+        assert_eq!(stored, ids.len() * dims.num_layers);
+        assert_eq!(
+            float_cache.nbytes(),
+            float_bytes / ids.len() * mlx_zoo::cache::GROWTH_STEP as usize
+        );
+        let ratio = cache.nbytes() as f64 / float_bytes as f64;
         assert!(
             (ratio - expected).abs() < 1e-9,
             "{bits} bits: {ratio} of the float cache's bytes, expected {expected}"

@@ -96,6 +96,50 @@ pub struct LayerKv {
     keep: Option<usize>,
     /// Store keys and values affine-quantized with these settings.
     quantized: Option<QuantSettings>,
+    /// Valid positions at the start of a growing buffer (float layers that
+    /// keep every position store keys and values in buffers of
+    /// [`GROWTH_STEP`]-position steps, updated in place).
+    filled: i32,
+}
+
+/// Positions a growing float cache buffer adds at a time (as mlx-lm's).
+pub const GROWTH_STEP: i32 = 256;
+
+/// `buffer` with `update` written at positions `start..` of axis 2. MLX
+/// writes in place when nothing else holds `buffer`, which is why it is
+/// taken by value.
+fn write_positions(buffer: Array, update: &Array, start: i32) -> Result<Array> {
+    let shape = update.shape();
+    let starts = [0, 0, start, 0];
+    let ends = [shape[0], shape[1], start + shape[2], shape[3]];
+    let strides = [1, 1, 1, 1];
+    let stream = mlx_rs::Stream::thread_local_or_default();
+    // SAFETY: every handle is live for the call; `res` starts empty and is
+    // filled on success, freed on failure.
+    unsafe {
+        let mut res = mlx_sys::mlx_array_new();
+        let status = mlx_sys::mlx_slice_update(
+            &mut res,
+            buffer.as_ptr(),
+            update.as_ptr(),
+            starts.as_ptr(),
+            starts.len(),
+            ends.as_ptr(),
+            ends.len(),
+            strides.as_ptr(),
+            strides.len(),
+            stream.as_ptr(),
+        );
+        if status != 0 {
+            mlx_sys::mlx_array_free(res);
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "cannot write positions {start}.. of the KV cache (buffer {:?}, update {:?})",
+                buffer.shape(),
+                shape
+            )));
+        }
+        Ok(Array::from_ptr(res))
+    }
 }
 
 impl LayerKv {
@@ -139,6 +183,9 @@ impl LayerKv {
 
     /// Number of positions whose keys are stored.
     pub fn stored(&self) -> usize {
+        if self.quantized.is_none() && self.keep.is_none() {
+            return self.filled as usize;
+        }
         self.keys
             .as_ref()
             .map(|k| k.seq_len() as usize)
@@ -159,6 +206,9 @@ impl LayerKv {
     /// what no later query can see. A quantized cache returns the
     /// de-quantized positions, the new ones included.
     pub fn update(&mut self, keys: Array, values: Array) -> Result<(Array, Array)> {
+        if self.quantized.is_none() && self.keep.is_none() {
+            return self.update_in_place(keys, values);
+        }
         let new = keys.shape()[2];
         let dtype = keys.dtype();
         let (new_keys, new_values) = match self.quantized {
@@ -196,6 +246,61 @@ impl LayerKv {
             keys.to_float(self.quantized, dtype)?,
             values.to_float(self.quantized, dtype)?,
         ))
+    }
+}
+
+impl LayerKv {
+    /// [`LayerKv::update`] for a float layer that keeps every position:
+    /// writes the new positions into buffers that grow by [`GROWTH_STEP`]
+    /// (instead of concatenating, which copied the whole cache every step)
+    /// and returns views of the filled part.
+    fn update_in_place(&mut self, keys: Array, values: Array) -> Result<(Array, Array)> {
+        let new = keys.shape()[2];
+        let end = self.filled + new;
+        let grow = |stored: Option<Stored>, update: &Array| -> Result<Array> {
+            let old = match stored {
+                Some(Stored::Float(old)) => Some(old),
+                Some(Stored::Quantized(..)) => {
+                    return Err(crate::error::Error::InvalidArgument(
+                        "a KV cache layer cannot mix float and quantized storage".into(),
+                    ))
+                }
+                None => None,
+            };
+            let capacity = old.as_ref().map(|o| o.shape()[2]).unwrap_or(0);
+            let buffer = if end <= capacity {
+                old.ok_or_else(|| {
+                    crate::error::Error::InvalidArgument("empty KV cache buffer".into())
+                })?
+            } else {
+                let shape = update.shape();
+                let steps = (end + GROWTH_STEP - 1) / GROWTH_STEP;
+                let extra = steps * GROWTH_STEP - self.filled;
+                let zeros = mlx_rs::ops::zeros_dtype(
+                    &[shape[0], shape[1], extra, shape[3]],
+                    update.dtype(),
+                )
+                .context(|| "growing the KV cache".into())?;
+                match old {
+                    Some(old) => {
+                        let filled = old.index((.., .., ..self.filled, ..));
+                        mlx_rs::ops::concatenate(&[filled, zeros], 2)
+                            .context(|| "growing the KV cache".into())?
+                    }
+                    None => zeros,
+                }
+            };
+            write_positions(buffer, update, self.filled)
+        };
+        let key_buffer = grow(self.keys.take(), &keys)?;
+        let value_buffer = grow(self.values.take(), &values)?;
+        let visible = |buffer: &Array| buffer.index((.., .., ..end, ..));
+        let result = (visible(&key_buffer), visible(&value_buffer));
+        self.keys = Some(Stored::Float(key_buffer));
+        self.values = Some(Stored::Float(value_buffer));
+        self.filled = end;
+        self.seen += new;
+        Ok(result)
     }
 }
 

@@ -103,13 +103,20 @@ impl GenerationStats {
     }
 }
 
+/// The logits of the next position: read back, or still being computed
+/// (greedy decoding runs one forward pass ahead, see [`Generation::next`]).
+enum NextLogits {
+    Host(Vec<f32>),
+    Device(Array),
+}
+
 /// A running generation; iterate it for the new tokens.
 pub struct Generation<'m> {
     model: &'m mut dyn CausalLm,
     cache: KvCache,
     options: GenerateOptions,
     history: Vec<u32>,
-    next_logits: Option<Vec<f32>>,
+    next_logits: Option<NextLogits>,
     rng: u64,
     done: bool,
     stats: GenerationStats,
@@ -124,15 +131,24 @@ impl std::fmt::Debug for Generation<'_> {
     }
 }
 
-fn last_logits(logits: &Array) -> Result<Vec<f32>> {
+/// The last position's logits as a lazy float32 `[vocab]` row.
+fn last_row(logits: &Array) -> Result<Array> {
     use mlx_rs::ops::indexing::IndexOp;
     let last = logits.shape()[1] - 1;
-    let row = logits
+    logits
         .index((0, last, ..))
         .as_dtype(mlx_rs::Dtype::Float32)
-        .context(|| "reading logits".into())?;
+        .context(|| "reading logits".into())
+}
+
+/// Evaluates a logits row and copies it to the host.
+fn read_row(row: &Array) -> Result<Vec<f32>> {
     row.eval().context(|| "computing logits".into())?;
     Ok(row.as_slice::<f32>().to_vec())
+}
+
+fn last_logits(logits: &Array) -> Result<Vec<f32>> {
+    read_row(&last_row(logits)?)
 }
 
 /// Starts generating after `prompt` (token ids, batch of one).
@@ -175,7 +191,7 @@ pub fn generate<'m>(
         logits = Some(model.forward(&input, Some(&mut cache))?);
     }
     let next_logits = match &logits {
-        Some(l) => Some(last_logits(l)?),
+        Some(l) => Some(NextLogits::Host(last_logits(l)?)),
         None => None,
     };
     let stats = GenerationStats {
@@ -202,9 +218,58 @@ impl Generation<'_> {
         &self.stats
     }
 
-    /// The logits the next token will be chosen from.
-    pub fn next_logits(&self) -> Option<&[f32]> {
-        self.next_logits.as_deref()
+    /// The logits the next token will be chosen from (waiting for them when
+    /// greedy decoding is computing them ahead).
+    pub fn next_logits(&mut self) -> Option<&[f32]> {
+        if let Some(NextLogits::Device(row)) = &self.next_logits {
+            match read_row(row) {
+                Ok(values) => self.next_logits = Some(NextLogits::Host(values)),
+                Err(_) => return None,
+            }
+        }
+        match &self.next_logits {
+            Some(NextLogits::Host(values)) => Some(values),
+            _ => None,
+        }
+    }
+
+    /// Greedy decoding without a repetition penalty chooses the token on
+    /// the device, so the next forward pass can be built and started before
+    /// the token is read back (as mlx-lm does): building the graph of one
+    /// step overlaps computing the previous one. Models that rebuild their
+    /// cache at some length decode step by step.
+    fn runs_ahead(&self) -> bool {
+        let s = &self.options.sampling;
+        s.temperature == 0.0
+            && s.repetition_penalty == 1.0
+            && self.model.cache_rebuild_after().is_none()
+    }
+
+    /// One step of the run-ahead greedy decoding: the token chosen from
+    /// `logits` on the device, the next forward pass started from it.
+    fn next_ahead(&mut self, logits: NextLogits) -> Result<Option<u32>> {
+        let token = match logits {
+            NextLogits::Host(values) => Array::from_int(argmax(&values) as i32),
+            NextLogits::Device(row) => mlx_rs::ops::indexing::argmax_axis(&row, 0, None)
+                .and_then(|t| t.as_dtype(mlx_rs::Dtype::Int32))
+                .context(|| "choosing the next token".into())?,
+        };
+        if self.stats.generated_tokens + 1 < self.options.max_tokens {
+            let input = token
+                .reshape(&[1, 1])
+                .context(|| "feeding the chosen token".into())?;
+            let row = last_row(&self.model.forward(&input, Some(&mut self.cache))?)?;
+            mlx_rs::transforms::async_eval([&row]).context(|| "computing logits".into())?;
+            self.next_logits = Some(NextLogits::Device(row));
+        }
+        token.eval().context(|| "choosing the next token".into())?;
+        let token = token.item_exact::<i32>() as u32;
+        if self.options.stop_tokens.contains(&token) {
+            return Ok(None);
+        }
+        self.history.push(token);
+        self.stats.generated_tokens += 1;
+        Ok(Some(token))
     }
 
     fn uniform(&mut self) -> f64 {
@@ -295,6 +360,31 @@ impl Iterator for Generation<'_> {
         }
         let started = Instant::now();
         let logits = self.next_logits.take()?;
+        if self.runs_ahead() {
+            let step = self.next_ahead(logits);
+            self.stats.generation_time += started.elapsed();
+            return match step {
+                Ok(Some(token)) => Some(Ok(token)),
+                Ok(None) => {
+                    self.done = true;
+                    None
+                }
+                Err(e) => {
+                    self.done = true;
+                    Some(Err(e))
+                }
+            };
+        }
+        let logits = match logits {
+            NextLogits::Host(values) => values,
+            NextLogits::Device(row) => match read_row(&row) {
+                Ok(values) => values,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            },
+        };
         let token = self.choose(logits);
         if self.options.stop_tokens.contains(&token) {
             self.done = true;
@@ -324,7 +414,7 @@ impl Iterator for Generation<'_> {
                 .forward(&input, Some(&mut self.cache))
                 .and_then(|l| last_logits(&l))
             {
-                Ok(next) => self.next_logits = Some(next),
+                Ok(next) => self.next_logits = Some(NextLogits::Host(next)),
                 Err(e) => {
                     self.done = true;
                     return Some(Err(e));

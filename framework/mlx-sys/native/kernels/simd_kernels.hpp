@@ -152,6 +152,122 @@ inline void matvec_f32(
 // per `group` consecutive inputs ([n, k / group] float32 each), the weight
 // being scale * q + bias. `xsums` holds each input row's sum over each group
 // ([m, k / group]), so the bias term costs one multiply per group.
+// M input rows, known at compile time so that the accumulators stay in
+// registers.
+template <size_t M>
+inline void matvec_quantized_rows(
+    const uint32_t* w,
+    const float* scales,
+    const float* biases,
+    const float* x,
+    const float* xsums,
+    float* y,
+    size_t k,
+    size_t n,
+    int bits,
+    int group,
+    size_t n0,
+    size_t n1) {
+  constexpr size_t m = M;
+  const size_t per_word = 32 / bits;
+  const size_t words_per_row = k / per_word;
+  const size_t groups = k / group;
+  const size_t words_per_group = group / per_word;
+  for (size_t j = n0; j < n1; ++j) {
+    const uint32_t* row = w + j * words_per_row;
+    const float* row_scales = scales + j * groups;
+    const float* row_biases = biases + j * groups;
+#if defined(__AVX2__) && defined(__FMA__)
+    // Per input row: sum over groups of scale * (q . x), kept as a vector
+    // (one horizontal sum per output), two independent partial dot
+    // products per group so that the FMA chains overlap.
+    __m256 total[M];
+    for (size_t r = 0; r < m; ++r) {
+      total[r] = _mm256_setzero_ps();
+    }
+    const __m256i shifts4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i low4 = _mm256_set1_epi32(15);
+    for (size_t g = 0; g < groups; ++g) {
+      const uint32_t* words = row + g * words_per_group;
+      const float* xg = x + g * group;
+      __m256 even[M];
+      __m256 odd[M];
+      for (size_t r = 0; r < m; ++r) {
+        even[r] = _mm256_setzero_ps();
+        odd[r] = _mm256_setzero_ps();
+      }
+      if (bits == 4) {
+        // 8 values per word; words_per_group is even (group >= 32).
+        for (size_t v = 0; v < words_per_group; v += 2) {
+          __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(
+              _mm256_srlv_epi32(_mm256_set1_epi32(words[v]), shifts4), low4));
+          __m256 q1 = _mm256_cvtepi32_ps(_mm256_and_si256(
+              _mm256_srlv_epi32(_mm256_set1_epi32(words[v + 1]), shifts4),
+              low4));
+          for (size_t r = 0; r < m; ++r) {
+            const float* xr = xg + r * k + v * 8;
+            even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xr), even[r]);
+            odd[r] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), odd[r]);
+          }
+        }
+      } else {
+        // 4 values per word: 8 values from each pair of words.
+        for (size_t v = 0; v < words_per_group; v += 4) {
+          __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(words + v))));
+          __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+              reinterpret_cast<const __m128i*>(words + v + 2))));
+          for (size_t r = 0; r < m; ++r) {
+            const float* xr = xg + r * k + v * 4;
+            even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xr), even[r]);
+            odd[r] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), odd[r]);
+          }
+        }
+      }
+      __m256 scale = _mm256_set1_ps(row_scales[g]);
+      for (size_t r = 0; r < m; ++r) {
+        total[r] = _mm256_fmadd_ps(_mm256_add_ps(even[r], odd[r]), scale, total[r]);
+      }
+    }
+    for (size_t r = 0; r < m; ++r) {
+      __m128 half = _mm_add_ps(
+          _mm256_castps256_ps128(total[r]), _mm256_extractf128_ps(total[r], 1));
+      half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+      half = _mm_add_ss(half, _mm_movehdup_ps(half));
+      float bias_term = 0.0f;
+      for (size_t g = 0; g < groups; ++g) {
+        bias_term += row_biases[g] * xsums[r * groups + g];
+      }
+      y[r * n + j] = _mm_cvtss_f32(half) + bias_term;
+    }
+#else
+    const uint32_t mask = (1u << bits) - 1;
+    float total[M] = {};
+    for (size_t g = 0; g < groups; ++g) {
+      const uint32_t* words = row + g * words_per_group;
+      float dot[M] = {};
+      for (size_t v = 0; v < words_per_group; ++v) {
+        uint32_t word = words[v];
+        size_t at = g * group + v * per_word;
+        for (size_t e = 0; e < per_word; ++e) {
+          float q = static_cast<float>((word >> (bits * e)) & mask);
+          for (size_t r = 0; r < m; ++r) {
+            dot[r] += q * x[r * k + at + e];
+          }
+        }
+      }
+      for (size_t r = 0; r < m; ++r) {
+        total[r] += row_scales[g] * dot[r] + row_biases[g] * xsums[r * groups + g];
+      }
+    }
+    for (size_t r = 0; r < m; ++r) {
+      y[r * n + j] = total[r];
+    }
+#endif
+  }
+}
+
+// Dispatches [`matvec_quantized_rows`] on the number of input rows (1-4).
 inline void matvec_quantized(
     const uint32_t* w,
     const float* scales,
@@ -166,75 +282,20 @@ inline void matvec_quantized(
     int group,
     size_t n0,
     size_t n1) {
-  const size_t per_word = 32 / bits;
-  const size_t words_per_row = k / per_word;
-  const size_t groups = k / group;
-  const size_t words_per_group = group / per_word;
-  const uint32_t mask = (1u << bits) - 1;
-  for (size_t j = n0; j < n1; ++j) {
-    const uint32_t* row = w + j * words_per_row;
-    float total[kMaxMatvecRows] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (size_t g = 0; g < groups; ++g) {
-      const uint32_t* words = row + g * words_per_group;
-      float dot[kMaxMatvecRows] = {0.0f, 0.0f, 0.0f, 0.0f};
-#if defined(__AVX2__) && defined(__FMA__)
-      __m256 acc[kMaxMatvecRows];
-      for (size_t r = 0; r < m; ++r) {
-        acc[r] = _mm256_setzero_ps();
-      }
-      if (bits == 4) {
-        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        const __m256i low = _mm256_set1_epi32(15);
-        for (size_t v = 0; v < words_per_group; ++v) {
-          __m256i q = _mm256_and_si256(
-              _mm256_srlv_epi32(_mm256_set1_epi32(words[v]), shifts), low);
-          __m256 qf = _mm256_cvtepi32_ps(q);
-          size_t at = g * group + v * 8;
-          for (size_t r = 0; r < m; ++r) {
-            acc[r] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(x + r * k + at), acc[r]);
-          }
-        }
-      } else {
-        for (size_t v = 0; v < words_per_group; v += 2) {
-          __m128i bytes = _mm_loadl_epi64(
-              reinterpret_cast<const __m128i*>(words + v));
-          __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-          size_t at = g * group + v * 4;
-          for (size_t r = 0; r < m; ++r) {
-            acc[r] = _mm256_fmadd_ps(qf, _mm256_loadu_ps(x + r * k + at), acc[r]);
-          }
-        }
-      }
-      for (size_t r = 0; r < m; ++r) {
-        __m128 half = _mm_add_ps(
-            _mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        half = _mm_add_ss(half, _mm_movehdup_ps(half));
-        dot[r] = _mm_cvtss_f32(half);
-      }
-#else
-      for (size_t v = 0; v < words_per_group; ++v) {
-        uint32_t word = words[v];
-        size_t at = g * group + v * per_word;
-        for (size_t e = 0; e < per_word; ++e) {
-          float q = static_cast<float>((word >> (bits * e)) & mask);
-          for (size_t r = 0; r < m; ++r) {
-            dot[r] += q * x[r * k + at + e];
-          }
-        }
-      }
-#endif
-      float scale = scales[j * groups + g];
-      float bias = biases[j * groups + g];
-      for (size_t r = 0; r < m; ++r) {
-        total[r] += scale * dot[r] + bias * xsums[r * groups + g];
-      }
-    }
-    for (size_t r = 0; r < m; ++r) {
-      y[r * n + j] = total[r];
-    }
+  switch (m) {
+    case 1:
+      return matvec_quantized_rows<1>(
+          w, scales, biases, x, xsums, y, k, n, bits, group, n0, n1);
+    case 2:
+      return matvec_quantized_rows<2>(
+          w, scales, biases, x, xsums, y, k, n, bits, group, n0, n1);
+    case 3:
+      return matvec_quantized_rows<3>(
+          w, scales, biases, x, xsums, y, k, n, bits, group, n0, n1);
+    default:
+      return matvec_quantized_rows<4>(
+          w, scales, biases, x, xsums, y, k, n, bits, group, n0, n1);
   }
-  (void)mask;
 }
 
 } // namespace zoo::ZOO_ISA
