@@ -74,6 +74,7 @@ pub fn info(json: bool) -> Result<()> {
             .map_or_else(|| "-".to_owned(), |t| t.to_string()),
         info.bfs_max_width.as_deref().unwrap_or("unset (MLX's 20)")
     );
+    println!("kernels    mlx-zoo's own CPU kernels: {}", info.kernels);
     println!(
         "memory     active {}, peak {}, cache {}, limit {}",
         bytes(info.memory.active),

@@ -50,6 +50,9 @@ pub struct RuntimeInfo {
     /// `MLX_BFS_MAX_WIDTH`: how wide MLX interleaves independent work
     /// (mlx-sys sets 4096 unless the environment does).
     pub bfs_max_width: Option<String>,
+    /// The instruction set of mlx-zoo's own CPU kernels (`avx2+fma` or
+    /// `generic`).
+    pub kernels: String,
     /// Memory figures.
     pub memory: MemoryInfo,
 }
@@ -68,6 +71,7 @@ pub fn runtime_info() -> RuntimeInfo {
         libmlx: mlx_sys::LINKED_LIBMLX.to_owned(),
         blas: blas(),
         blas_threads: blas_threads(),
+        kernels: crate::nn::kernels_isa().to_owned(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         bfs_max_width: std::env::var("MLX_BFS_MAX_WIDTH").ok(),
         memory: memory(),
