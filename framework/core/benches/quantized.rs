@@ -1,5 +1,6 @@
-//! Quantized linear layers on the CPU: MLX's quantized matmul against
-//! de-quantizing the weight and using the float (BLAS) matmul, for
+//! Quantized linear layers on the CPU: the quantized product (the project's
+//! kernel up to `nn::MATVEC_MAX_ROWS` rows, MLX's quantized matmul above)
+//! against de-quantizing the weight and using the float (BLAS) matmul, for
 //! token-sized and prompt-sized inputs, next to the float layer. The
 //! crossover decides `nn::set_dequantize_rows`. Run with
 //! `cargo bench -p mlx-zoo-core --bench quantized`.
@@ -42,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("\n[{out} x {inp}] 4-bit, group 64   (GFLOP/s; ms per call)");
         println!(
             "{:>6} {:>16} {:>16} {:>16}",
-            "rows", "float", "quantized mm", "dequant+mm"
+            "rows", "float", "quantized", "dequant+mm"
         );
         for rows in [1usize, 2, 4, 8, 32, 128, 512] {
             let x = mlx_rs::random::normal::<f32>(&[rows as i32, inp as i32], None, None, &key)?;

@@ -20,7 +20,10 @@ pub use decoder::{
     check_packable, decoder_rules, output_rules, Decoder, DecoderBlock, DecoderConfig,
     DecoderStack, MoeConfig,
 };
-pub use kernels::{attention, kernels_isa, silu, softmax_last_axis, AttentionKernelMask};
+pub use kernels::{
+    attention, kernels_isa, matvec, silu, softmax_last_axis, AttentionKernelMask, QuantizedWeight,
+    MATVEC_MAX_ROWS,
+};
 pub use layers::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 pub use linear::{
     dequantize_rows, embedding, expert_linear, linear, set_dequantize_rows, Embedding, Linear,
