@@ -69,6 +69,17 @@ pub fn load(case: &str) -> LoadedModel {
         .unwrap_or_else(|e| panic!("loading {case}: {e}"))
 }
 
+/// Adapter settings of rank `rank` with alpha = 2 x rank (a scale of 2),
+/// no dropout and plain LoRA scaling: what most tests train with.
+pub fn adapter_settings(rank: usize) -> mlx_zoo::adapter::AdapterSettings {
+    mlx_zoo::adapter::AdapterSettings {
+        rank,
+        alpha: 2.0 * rank as f32,
+        dropout: 0.0,
+        rslora: false,
+    }
+}
+
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");

@@ -535,14 +535,9 @@ fn adapter_key_mapping_per_family() {
 
 #[test]
 fn the_seed_api_creates_a_quantized_model_with_an_adapter_in_one_call() {
-    use mlx_zoo::adapter::{AdapterSettings, AdapterSpec, AdapterTargets};
+    use mlx_zoo::adapter::{AdapterSpec, AdapterTargets};
     let registry = mlx_zoo::registry().unwrap();
-    let settings = AdapterSettings {
-        rank: 8,
-        alpha: 16.0,
-        dropout: 0.0,
-        rslora: false,
-    };
+    let settings = mlx_zoo_tests::adapter_settings(8);
     let options = mlx_zoo::loader::LoadOptions {
         quantize: Some(mlx_zoo::quantize::QuantPlan::uniform(
             mlx_zoo::quantize::QuantSettings {
@@ -644,12 +639,7 @@ fn only_adapter_parameters_are_trainable() {
         "{trainable:?}"
     );
     let registry = mlx_zoo::registry().unwrap();
-    let settings = mlx_zoo::adapter::AdapterSettings {
-        rank: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        rslora: false,
-    };
+    let settings = mlx_zoo_tests::adapter_settings(2);
     let mut dora = load("llama-gqa");
     dora.apply_adapter(&registry, "dora", settings, &Default::default())
         .unwrap();
@@ -664,12 +654,7 @@ fn only_adapter_parameters_are_trainable() {
 #[test]
 fn lora_on_expert_stacks_fuses_to_the_same_forward() {
     let registry = mlx_zoo::registry().unwrap();
-    let settings = mlx_zoo::adapter::AdapterSettings {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        rslora: false,
-    };
+    let settings = mlx_zoo_tests::adapter_settings(4);
     let targets = mlx_zoo::adapter::AdapterTargets {
         modules: vec!["switch_mlp.gate_proj".into(), "switch_mlp.down_proj".into()],
         ..Default::default()
@@ -754,12 +739,7 @@ fn expert_adapters_round_trip_in_mlx_lm_format_only() {
 fn dora_on_a_quantized_base_equals_dora_on_its_dequantized_weights() {
     use mlx_zoo::lora::formats::save_adapter;
     let registry = mlx_zoo::registry().unwrap();
-    let settings = mlx_zoo::adapter::AdapterSettings {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        rslora: false,
-    };
+    let settings = mlx_zoo_tests::adapter_settings(4);
     // A DoRA adapter with non-zero B on the 4-bit model, saved ...
     let mut quantized = load("llama-gqa-q4");
     quantized

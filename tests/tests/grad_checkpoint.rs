@@ -5,7 +5,6 @@
 
 use mlx_rs::module::ModuleParameters;
 use mlx_rs::Array;
-use mlx_zoo::adapter::AdapterSettings;
 use mlx_zoo::loader::{LoadOptions, LoadedModel};
 use mlx_zoo::quantize::{QuantPlan, QuantSettings};
 use mlx_zoo::train::{
@@ -68,12 +67,7 @@ fn both_ways(loaded: &mut LoadedModel, batch: &Batch) -> (f32, f32, f32, f32) {
 
 fn lora(loaded: &mut LoadedModel, targets: &[&str]) {
     let registry = mlx_zoo::registry().unwrap();
-    let settings = AdapterSettings {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        rslora: false,
-    };
+    let settings = mlx_zoo_tests::adapter_settings(4);
     loaded.apply_lora(&registry, targets, settings).unwrap();
     // LoRA's B starts at zero, which would leave A's gradient at zero.
     let b: Vec<(std::rc::Rc<str>, Array)> = loaded

@@ -47,12 +47,7 @@ fn dataset(dir: &Path, mask_prompt: bool) -> Dataset {
 
 fn with_lora(mut loaded: LoadedModel) -> LoadedModel {
     let registry = mlx_zoo::registry().unwrap();
-    let settings = AdapterSettings {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        rslora: false,
-    };
+    let settings = mlx_zoo_tests::adapter_settings(4);
     loaded
         .apply_lora(
             &registry,
@@ -155,6 +150,27 @@ fn trainable(loaded: &LoadedModel) -> Vec<(std::rc::Rc<str>, mlx_rs::Array)> {
         .collect()
 }
 
+/// A run of `config.iters` steps on the llama fixture from the same seeded
+/// start (the LoRA initialisation draws from MLX's per-thread key): LoRA
+/// rank 4, or full fine-tuning when `full`. Returns the losses and the
+/// trained parameters.
+fn seeded_run(
+    config: TrainConfig,
+    full: bool,
+    data: &Dataset,
+) -> (Vec<f32>, Vec<(std::rc::Rc<str>, mlx_rs::Array)>) {
+    mlx_rs::random::seed(42).unwrap();
+    let mut loaded = if full {
+        mlx_zoo_tests::load("llama-gqa")
+    } else {
+        with_lora(mlx_zoo_tests::load("llama-gqa"))
+    };
+    let steps = config.iters;
+    let mut trainer = Trainer::new(config, data, 0).unwrap();
+    let losses = losses(&mut trainer, &mut loaded, data, steps);
+    (losses, trainable(&loaded))
+}
+
 /// The mean of the last `window` losses is under half the mean of the
 /// first `window`.
 fn assert_loss_halves(losses: &[f32], window: usize, what: &str) {
@@ -216,12 +232,7 @@ fn a_resumed_run_repeats_the_uninterrupted_losses_bit_for_bit() {
     );
     let mut bare = mlx_zoo_tests::load("llama-gqa");
     let registry = mlx_zoo::registry().unwrap();
-    let settings = AdapterSettings {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        rslora: false,
-    };
+    let settings = mlx_zoo_tests::adapter_settings(4);
     bare.apply_lora(&registry, &["q_proj"], settings).unwrap();
     let mut trainer = Trainer::new(config(8, 5e-3), &data, 0).unwrap();
     let error = trainer
@@ -576,19 +587,11 @@ fn packed_batches_give_the_padded_loss_and_gradients() {
 
     // A packed run repeats the padded run's losses.
     let losses_of = |pack: Option<usize>| {
-        // The same random LoRA start for both runs (the key is per thread).
-        mlx_rs::random::seed(42).unwrap();
-        let mut loaded = with_lora(mlx_zoo_tests::load("llama-gqa"));
-        let mut trainer = Trainer::new(
-            TrainConfig {
-                pack,
-                ..config(4, 5e-3)
-            },
-            &data,
-            0,
-        )
-        .unwrap();
-        losses(&mut trainer, &mut loaded, &data, 4)
+        let config = TrainConfig {
+            pack,
+            ..config(4, 5e-3)
+        };
+        seeded_run(config, false, &data).0
     };
     // Evaluation packs too, with the same result.
     let mut model = with_lora(mlx_zoo_tests::load("llama-gqa"));
@@ -682,12 +685,7 @@ fn mixtral_lora_on_attention_and_experts_lowers_the_loss() {
     let data = dataset(dir.path(), true);
     let registry = mlx_zoo::registry().unwrap();
     let mut loaded = mlx_zoo_tests::load("mixtral-moe");
-    let settings = AdapterSettings {
-        rank: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        rslora: false,
-    };
+    let settings = mlx_zoo_tests::adapter_settings(4);
     loaded
         .apply_lora(&registry, &["q_proj", "v_proj", "down_proj"], settings)
         .unwrap();
@@ -701,23 +699,11 @@ fn shards_on_concurrent_streams_train_like_one_stream() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path(), true);
     let run = |streams: usize, full: bool| {
-        mlx_rs::random::seed(42).unwrap();
-        let mut loaded = if full {
-            mlx_zoo_tests::load("llama-gqa")
-        } else {
-            with_lora(mlx_zoo_tests::load("llama-gqa"))
+        let config = TrainConfig {
+            streams,
+            ..config(5, 5e-3)
         };
-        let mut trainer = Trainer::new(
-            TrainConfig {
-                streams,
-                ..config(5, 5e-3)
-            },
-            &data,
-            0,
-        )
-        .unwrap();
-        let losses = losses(&mut trainer, &mut loaded, &data, 5);
-        (losses, trainable(&loaded))
+        seeded_run(config, full, &data)
     };
     for full in [false, true] {
         let (one, one_params) = run(1, full);

@@ -12,6 +12,21 @@ use std::time::Instant;
 
 type Step<'a> = dyn FnMut(&Array) -> Result<Array, Box<dyn std::error::Error>> + 'a;
 
+/// Runs `layer` on every layer's input, evaluating each output before the
+/// next layer starts (as a decoding step's dependencies force).
+fn each_layer(
+    inputs: &[Array],
+    layer: impl Fn(usize, &Array) -> Result<Array, Box<dyn std::error::Error>>,
+) -> Result<Array, Box<dyn std::error::Error>> {
+    let mut last = None;
+    for (index, x) in inputs.iter().enumerate() {
+        let y = layer(index, x)?;
+        y.eval()?;
+        last = Some(y);
+    }
+    Ok(last.ok_or("no layers")?)
+}
+
 /// Milliseconds per pass over every layer (median of 7 passes).
 fn time_step(x: &Array, step: &mut Step<'_>) -> Result<f64, Box<dyn std::error::Error>> {
     step(x)?;
@@ -57,57 +72,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     mlx_rs::transforms::eval(inputs.iter())?;
     let x = &inputs[0];
-    let mut ours_float = |_: &Array| -> Result<Array, Box<dyn std::error::Error>> {
-        let mut last = None;
-        for (w, x) in weights.iter().zip(&inputs) {
-            let y = matvec(x, w, None)?;
-            y.eval()?;
-            last = Some(y);
-        }
-        Ok(last.ok_or("no layers")?)
-    };
-    let mut mlx_float = |_: &Array| -> Result<Array, Box<dyn std::error::Error>> {
-        let mut last = None;
-        for (w, x) in weights.iter().zip(&inputs) {
-            let y = mlx_rs::ops::matmul(x, w.t())?;
-            y.eval()?;
-            last = Some(y);
-        }
-        Ok(last.ok_or("no layers")?)
-    };
-    let mut ours_quant = |_: &Array| -> Result<Array, Box<dyn std::error::Error>> {
-        let mut last = None;
-        for ((q, s, b), x) in quantized.iter().zip(&inputs) {
+    let mut ours_float = |_: &Array| each_layer(&inputs, |i, x| Ok(matvec(x, &weights[i], None)?));
+    let mut mlx_float =
+        |_: &Array| each_layer(&inputs, |i, x| Ok(mlx_rs::ops::matmul(x, weights[i].t())?));
+    let mut ours_quant = |_: &Array| {
+        each_layer(&inputs, |i, x| {
+            let (q, s, b) = &quantized[i];
             let weight = QuantizedWeight {
                 scales: s,
                 biases: Some(b),
                 bits: 4,
                 group_size: 64,
             };
-            let y = matvec(x, q, Some(weight))?;
-            y.eval()?;
-            last = Some(y);
-        }
-        Ok(last.ok_or("no layers")?)
+            Ok(matvec(x, q, Some(weight))?)
+        })
     };
-    let mut mlx_quant = |_: &Array| -> Result<Array, Box<dyn std::error::Error>> {
-        let mut last = None;
-        for ((q, s, b), x) in quantized.iter().zip(&inputs) {
-            let y = mlx_rs::ops::quantized_matmul(x, q, s, b, true, 64, 4)?;
-            y.eval()?;
-            last = Some(y);
-        }
-        Ok(last.ok_or("no layers")?)
+    let mut mlx_quant = |_: &Array| {
+        each_layer(&inputs, |i, x| {
+            let (q, s, b) = &quantized[i];
+            Ok(mlx_rs::ops::quantized_matmul(x, q, s, b, true, 64, 4)?)
+        })
     };
-    let mut overhead = |_: &Array| -> Result<Array, Box<dyn std::error::Error>> {
-        let mut last = None;
-        for x in &inputs {
-            let y = x.add(Array::from_f32(1.0))?;
-            y.eval()?;
-            last = Some(y);
-        }
-        Ok(last.ok_or("no layers")?)
-    };
+    let mut overhead = |_: &Array| each_layer(&inputs, |_, x| Ok(x.add(Array::from_f32(1.0))?));
     println!(
         "one decoding step: {} layers, {:.1} MB float32, {:.1} MB 4-bit; kernels {}",
         shapes.len(),

@@ -48,11 +48,7 @@ pub fn build_kernels(
     native_dir: &Path,
     target_arch: &str,
 ) -> Result<PathBuf, String> {
-    let cxx = tools::cxx_compiler().ok_or("no C++ compiler")?;
-    let cxx_version = tools::run(
-        Command::new(&cxx).arg("--version"),
-        "querying the C++ compiler",
-    )?;
+    let (cxx, cxx_version) = tools::cxx_compiler_and_version()?;
     let source_dir = native_dir.join("kernels");
     let mut parts: Vec<Vec<u8>> = vec![
         cxx_version.into_bytes(),

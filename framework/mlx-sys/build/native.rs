@@ -26,11 +26,7 @@ pub fn build_mlx_c(
     mlx: &MlxInstall,
     native_dir: &Path,
 ) -> Result<BuiltMlxC, String> {
-    let cxx = tools::cxx_compiler().ok_or("no C++ compiler")?;
-    let cxx_version = tools::run(
-        Command::new(&cxx).arg("--version"),
-        "querying the C++ compiler",
-    )?;
+    let (cxx, cxx_version) = tools::cxx_compiler_and_version()?;
     let compat = native_dir.join("zoo_compat.hpp");
     let compat_text = fs::read(&compat).map_err(|e| format!("{}: {e}", compat.display()))?;
     let mlx_c_text = fs::read(mlx_c.join("CMakeLists.txt"))

@@ -70,6 +70,16 @@ pub fn cxx_compiler() -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The C++ compiler and its `--version` text (which keys cached builds).
+pub fn cxx_compiler_and_version() -> Result<(String, String), String> {
+    let cxx = cxx_compiler().ok_or("no C++ compiler")?;
+    let version = run(
+        Command::new(&cxx).arg("--version"),
+        "querying the C++ compiler",
+    )?;
+    Ok((cxx, version))
+}
+
 /// The Python interpreter used to run pip: `$PYTHON`, else python3.
 pub fn python() -> String {
     env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned())

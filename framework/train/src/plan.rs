@@ -128,22 +128,25 @@ pub fn plan(inspection: &Inspection, settings: &PlanSettings) -> MemoryPlan {
     };
     // What one block's backward keeps per token (float32): norm inputs and
     // outputs, residuals, q/k/v before and after RoPE, attention output,
-    // the MLP's gate, up, activation and product; plus attention scores and
-    // probabilities per head and key, and each adapter's x @ A.
+    // the MLP's gate, up, activation and product; plus attention
+    // probabilities per head and key (the fused softmax differentiates from
+    // its output, so the scores are freed as soon as it has run), and each
+    // adapter's x @ A.
     let tokens = (settings.batch_size * settings.seq_len) as u64;
     let (h, i) = (dims.hidden_size as u64, dims.intermediate_size as u64);
     let q = (dims.num_heads * dims.head_dim) as u64;
     let kv = (dims.num_kv_heads * dims.head_dim) as u64;
     let per_token = 8 * h + 2 * (q + 2 * kv) + 4 * i;
-    let attention = 2 * dims.num_heads as u64 * settings.seq_len as u64;
+    let attention = dims.num_heads as u64 * settings.seq_len as u64;
     let blocks = dims.num_layers as u64;
     let adapters_per_token = adapted_rank_floats;
     let logits = 3 * dims.vocab_size as u64;
     // Checkpointed blocks keep only their input; one block at a time holds
     // its activations while it is recomputed for its backward pass, plus
-    // that backward pass's temporaries (about as much again).
+    // that backward pass's temporaries (about half as much again now that
+    // softmax and SiLU differentiate in one fused pass each).
     let kept_blocks = if settings.grad_checkpoint {
-        blocks * h + 2 * (per_token + attention) + adapters_per_token.div_ceil(blocks.max(1))
+        blocks * h + (per_token + attention) * 3 / 2 + adapters_per_token.div_ceil(blocks.max(1))
     } else {
         blocks * (per_token + attention) + adapters_per_token
     };

@@ -48,7 +48,10 @@ pub fn silu(x: &Array) -> Result<Array> {
 /// `[batch, heads, length, head_dim]` inputs whose query heads are a
 /// multiple of the key/value heads: MLX's `scaled_dot_product_attention`
 /// with [`softmax_last_axis`] on the CPU (the same composition MLX falls
-/// back to there), MLX's fused kernel elsewhere.
+/// back to there), MLX's fused kernel elsewhere. A single float32 query
+/// without a mask (decoding; `Causal` with one query sees every key) runs
+/// a one-pass kernel that reads keys and values in place, so a view into
+/// the KV cache's buffer is not copied.
 pub fn attention(
     queries: &Array,
     keys: &Array,
@@ -334,6 +337,57 @@ mod tests {
         // Per-head additive mask: [batch, heads, queries, keys].
         let additive = normal(&[2, 6, 5, 9], 12);
         check_attention(AttentionKernelMask::Array(&additive));
+    }
+
+    /// One query position (decoding) takes the single-query kernel: equal
+    /// to MLX's attention in values and gradients, for keys and values that
+    /// are dense, a view into a longer buffer (the KV cache's case) or
+    /// transposed (innermost stride not 1), with and without the causal
+    /// flag (one query aligned to the end sees every key).
+    #[test]
+    fn single_query_attention_equals_mlx() {
+        use mlx_rs::ops::indexing::IndexOp;
+        let q = normal(&[2, 6, 1, 16], 30);
+        let dense = (normal(&[2, 2, 9, 16], 31), normal(&[2, 2, 9, 16], 32));
+        let buffer = (normal(&[2, 2, 20, 16], 33), normal(&[2, 2, 20, 16], 34));
+        let views = (
+            buffer.0.index((.., .., ..9, ..)),
+            buffer.1.index((.., .., ..9, ..)),
+        );
+        let transposed = (
+            normal(&[2, 2, 16, 9], 35).swap_axes(-1, -2).unwrap(),
+            normal(&[2, 2, 16, 9], 36).swap_axes(-1, -2).unwrap(),
+        );
+        let weights = normal(&[2, 6, 1, 16], 37);
+        for (keys, values) in [dense, views, transposed] {
+            for causal in [false, true] {
+                let ours_mask = if causal {
+                    AttentionKernelMask::Causal
+                } else {
+                    AttentionKernelMask::None
+                };
+                let reference = || causal.then_some(ScaledDotProductAttentionMask::Causal);
+                let w = weights.clone();
+                let v = weights.clone();
+                assert_same_values_and_gradients(
+                    |a| {
+                        let out = mlx_rs::fast::scaled_dot_product_attention(
+                            &a[0],
+                            &a[1],
+                            &a[2],
+                            0.25,
+                            reference(),
+                            None,
+                        )?;
+                        weighted(out, &w)
+                    },
+                    |a| weighted(ours(attention(&a[0], &a[1], &a[2], 0.25, ours_mask))?, &v),
+                    &[q.clone(), keys.clone(), values.clone()],
+                    &[0, 1, 2],
+                    2e-5,
+                );
+            }
+        }
     }
 
     #[test]

@@ -31,6 +31,7 @@
 #include "mlx/fast.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "mlx/transforms.h"
 #include "simd_table.hpp"
 
 namespace zoo {
@@ -219,13 +220,32 @@ void require_dense(const array& a, const char* op) {
   }
 }
 
+// What the primitives here share: they run on the CPU only, have one output
+// shaped like their first input, and carry no state that could make two of
+// them differ.
+class CpuPrimitive : public UnaryPrimitive {
+ public:
+  explicit CpuPrimitive(Stream stream) : UnaryPrimitive(stream) {}
+
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error(
+        std::string("[") + name() + "] runs on the CPU only");
+  }
+  bool is_equivalent(const Primitive&) const override {
+    return true;
+  }
+  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
 // Input rows up to which `zoo_matvec` uses its own kernel.
 constexpr size_t kMaxRows = 4;
 
 // The cotangent of softmax over the last axis: inputs (y, g).
-class SoftmaxVjp : public UnaryPrimitive {
+class SoftmaxVjp : public CpuPrimitive {
  public:
-  explicit SoftmaxVjp(Stream stream) : UnaryPrimitive(stream) {}
+  explicit SoftmaxVjp(Stream stream) : CpuPrimitive(stream) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& y = inputs[0];
@@ -244,24 +264,15 @@ class SoftmaxVjp : public UnaryPrimitive {
       kernels().softmax_vjp_rows(y, g, o, rows, n);
     });
   }
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("[ZooSoftmaxVjp] runs on the CPU only");
-  }
   const char* name() const override {
     return "ZooSoftmaxVjp";
-  }
-  bool is_equivalent(const Primitive&) const override {
-    return true;
-  }
-  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
-    return {inputs[0].shape()};
   }
 };
 
 // softmax over the last axis of a float32 array.
-class Softmax : public UnaryPrimitive {
+class Softmax : public CpuPrimitive {
  public:
-  explicit Softmax(Stream stream) : UnaryPrimitive(stream) {}
+  explicit Softmax(Stream stream) : CpuPrimitive(stream) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& x = inputs[0];
@@ -276,9 +287,6 @@ class Softmax : public UnaryPrimitive {
         [x = x.data<float>(), o = out.data<float>(), rows, n]() {
           kernels().softmax_rows(x, o, rows, n);
         });
-  }
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("[ZooSoftmax] runs on the CPU only");
   }
   std::vector<array> vjp(
       const std::vector<array>&,
@@ -299,18 +307,12 @@ class Softmax : public UnaryPrimitive {
   const char* name() const override {
     return "ZooSoftmax";
   }
-  bool is_equivalent(const Primitive&) const override {
-    return true;
-  }
-  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
-    return {inputs[0].shape()};
-  }
 };
 
 // The cotangent of SiLU: inputs (x, g).
-class SiluVjp : public UnaryPrimitive {
+class SiluVjp : public CpuPrimitive {
  public:
-  explicit SiluVjp(Stream stream) : UnaryPrimitive(stream) {}
+  explicit SiluVjp(Stream stream) : CpuPrimitive(stream) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& x = inputs[0];
@@ -327,24 +329,15 @@ class SiluVjp : public UnaryPrimitive {
       kernels().silu_vjp(x, g, o, n);
     });
   }
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("[ZooSiluVjp] runs on the CPU only");
-  }
   const char* name() const override {
     return "ZooSiluVjp";
-  }
-  bool is_equivalent(const Primitive&) const override {
-    return true;
-  }
-  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
-    return {inputs[0].shape()};
   }
 };
 
 // x * sigmoid(x) of a float32 array.
-class Silu : public UnaryPrimitive {
+class Silu : public CpuPrimitive {
  public:
-  explicit Silu(Stream stream) : UnaryPrimitive(stream) {}
+  explicit Silu(Stream stream) : CpuPrimitive(stream) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& x = inputs[0];
@@ -357,9 +350,6 @@ class Silu : public UnaryPrimitive {
         [x = x.data<float>(), o = out.data<float>(), n = x.size()]() {
           kernels().silu(x, o, n);
         });
-  }
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("[ZooSilu] runs on the CPU only");
   }
   std::vector<array> vjp(
       const std::vector<array>& primals,
@@ -380,22 +370,16 @@ class Silu : public UnaryPrimitive {
   const char* name() const override {
     return "ZooSilu";
   }
-  bool is_equivalent(const Primitive&) const override {
-    return true;
-  }
-  std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
-    return {inputs[0].shape()};
-  }
 };
 
 // The product x @ w^T of a few input rows with a float32 weight [n, k] or an
 // affine-quantized one (4 or 8 bits, float32 scales and biases), its output
 // columns split over the worker pool. Inputs: (x, w) or (x, w, scales,
 // biases); x is [..., k] with at most kMaxMatvecRows rows.
-class Matvec : public UnaryPrimitive {
+class Matvec : public CpuPrimitive {
  public:
   Matvec(Stream stream, int bits, int group)
-      : UnaryPrimitive(stream), bits_(bits), group_(group) {}
+      : CpuPrimitive(stream), bits_(bits), group_(group) {}
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     for (const array& input : inputs) {
@@ -456,9 +440,6 @@ class Matvec : public UnaryPrimitive {
             n1);
       });
     });
-  }
-  void eval_gpu(const std::vector<array>&, array&) override {
-    throw std::runtime_error("[ZooMatvec] runs on the CPU only");
   }
   // Gradients reach the input through the (de-quantized) weight and, for a
   // float weight, the weight; quantized parameters have none (as in MLX).
@@ -600,7 +581,7 @@ array softmax_last_axis(const array& x, const Stream& s) {
 // falls back to on the CPU) with this file's softmax: scores in the inputs'
 // dtype, masked positions at the dtype's lowest value, grouped heads by
 // reshaping the queries instead of repeating the keys.
-array attention(
+array attention_composed(
     const array& queries,
     const array& keys,
     const array& values,
@@ -609,10 +590,6 @@ array attention(
     std::optional<array> mask,
     const Stream& s) {
   namespace mx = mlx::core;
-  if (s.device != mx::Device::cpu) {
-    return mx::fast::scaled_dot_product_attention(
-        queries, keys, values, scale, mask_mode, mask, {}, false, s);
-  }
   if (queries.ndim() != 4 || keys.ndim() != 4 || values.ndim() != 4) {
     throw std::invalid_argument(
         "[zoo_attention] expects queries, keys and values of shape "
@@ -658,6 +635,173 @@ array attention(
     out = mx::flatten(out, 1, 2, s);
   }
   return out;
+}
+
+// Dense copy of a [batch, heads, rows, dim] array's values, for inputs
+// whose innermost stride is not 1 (the kernel reads rows directly).
+std::vector<float> gather_dense(
+    const float* data,
+    const mlx::core::Strides& strides,
+    const Shape& shape) {
+  std::vector<float> dense(
+      static_cast<size_t>(shape[0]) * shape[1] * shape[2] * shape[3]);
+  size_t at = 0;
+  for (int b = 0; b < shape[0]; ++b) {
+    for (int h = 0; h < shape[1]; ++h) {
+      for (int r = 0; r < shape[2]; ++r) {
+        for (int c = 0; c < shape[3]; ++c) {
+          dense[at++] = data[b * strides[0] + h * strides[1] +
+                             r * strides[2] + c * strides[3]];
+        }
+      }
+    }
+  }
+  return dense;
+}
+
+// Attention of a single query position (token-by-token decoding) over
+// float32 keys and values read in place, typically a view of the KV cache's
+// buffer: one pass per head (scores, softmax, weighted sum) instead of two
+// BLAS calls per head and a softmax between them. Inputs (q, k, v) of
+// shapes [B, Hq, 1, D], [B, Hkv, S, D], [B, Hkv, S, D].
+class DecodeAttention : public CpuPrimitive {
+ public:
+  DecodeAttention(Stream stream, float scale)
+      : CpuPrimitive(stream), scale_(scale) {}
+
+  void eval_cpu(const std::vector<array>& inputs, array& out) override {
+    out.set_data(mlx::core::allocator::malloc(out.nbytes()));
+    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
+    for (const array& input : inputs) {
+      encoder.set_input_array(input);
+    }
+    encoder.set_output_array(out);
+    const array& q = inputs[0];
+    const array& k = inputs[1];
+    const array& v = inputs[2];
+    encoder.dispatch([q_data = q.data<float>(), k_data = k.data<float>(),
+                      v_data = v.data<float>(), o = out.data<float>(),
+                      q_shape = q.shape(), k_shape = k.shape(),
+                      q_strides = q.strides(), k_strides = k.strides(),
+                      v_strides = v.strides(), scale = scale_]() {
+      // Inputs with a non-unit innermost stride are read through a copy.
+      std::vector<float> q_copy, k_copy, v_copy;
+      const float* qp = q_data;
+      const float* kp = k_data;
+      const float* vp = v_data;
+      auto qs = q_strides;
+      auto ks = k_strides;
+      auto vs = v_strides;
+      auto dense_strides = [](const Shape& shape) {
+        return mlx::core::Strides{
+            static_cast<int64_t>(shape[1]) * shape[2] * shape[3],
+            static_cast<int64_t>(shape[2]) * shape[3],
+            shape[3],
+            1};
+      };
+      if (qs[3] != 1) {
+        q_copy = gather_dense(q_data, qs, q_shape);
+        qp = q_copy.data();
+        qs = dense_strides(q_shape);
+      }
+      if (ks[3] != 1) {
+        k_copy = gather_dense(k_data, ks, k_shape);
+        kp = k_copy.data();
+        ks = dense_strides(k_shape);
+      }
+      if (vs[3] != 1) {
+        v_copy = gather_dense(v_data, vs, k_shape);
+        vp = v_copy.data();
+        vs = dense_strides(k_shape);
+      }
+      int batch = q_shape[0];
+      int q_heads = q_shape[1];
+      int repeats = q_heads / k_shape[1];
+      size_t s_len = k_shape[2];
+      size_t d = q_shape[3];
+      std::vector<float> scores(s_len);
+      for (int b = 0; b < batch; ++b) {
+        for (int h = 0; h < q_heads; ++h) {
+          int kv = h / repeats;
+          kernels().attend_one_query(
+              qp + b * qs[0] + h * qs[1],
+              kp + b * ks[0] + kv * ks[1],
+              ks[2],
+              vp + b * vs[0] + kv * vs[1],
+              vs[2],
+              o + (static_cast<size_t>(b) * q_heads + h) * d,
+              s_len,
+              d,
+              scale,
+              scores.data());
+        }
+      }
+    });
+  }
+  // Gradients through the composition this primitive computes.
+  std::vector<array> vjp(
+      const std::vector<array>& primals,
+      const std::vector<array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<array>&) override {
+    float scale = scale_;
+    Stream s = stream();
+    auto composed = [scale, s](const std::vector<array>& in) {
+      return std::vector<array>{
+          attention_composed(in[0], in[1], in[2], scale, "", std::nullopt, s)};
+    };
+    auto grads = mlx::core::vjp(composed, primals, cotangents).second;
+    std::vector<array> selected;
+    for (int arg : argnums) {
+      selected.push_back(grads[arg]);
+    }
+    return selected;
+  }
+  const char* name() const override {
+    return "ZooDecodeAttention";
+  }
+  bool is_equivalent(const Primitive& other) const override {
+    return scale_ == static_cast<const DecodeAttention&>(other).scale_;
+  }
+
+ private:
+  float scale_;
+};
+
+// Attention as MLX's fast::scaled_dot_product_attention computes it: MLX's
+// own fused kernel off the CPU; on the CPU, `DecodeAttention` for a single
+// float32 query without a mask (causal with one query sees every key), the
+// composition with this file's softmax otherwise.
+array attention(
+    const array& queries,
+    const array& keys,
+    const array& values,
+    float scale,
+    const std::string& mask_mode,
+    std::optional<array> mask,
+    const Stream& s) {
+  namespace mx = mlx::core;
+  if (s.device != mx::Device::cpu) {
+    return mx::fast::scaled_dot_product_attention(
+        queries, keys, values, scale, mask_mode, mask, {}, false, s);
+  }
+  bool single_query = queries.ndim() == 4 && keys.ndim() == 4 &&
+      values.ndim() == 4 && queries.shape(2) == 1 && !mask &&
+      (mask_mode.empty() || mask_mode == "causal") &&
+      queries.dtype() == mx::float32 && keys.dtype() == mx::float32 &&
+      values.dtype() == mx::float32 && keys.shape(1) > 0 &&
+      queries.shape(1) % keys.shape(1) == 0 && keys.shape(2) > 0 &&
+      values.shape(1) == keys.shape(1) && values.shape(2) == keys.shape(2) &&
+      queries.shape(0) == keys.shape(0) && values.shape(0) == keys.shape(0) &&
+      queries.shape(3) == keys.shape(3) && values.shape(3) == keys.shape(3);
+  if (!single_query) {
+    return attention_composed(queries, keys, values, scale, mask_mode, mask, s);
+  }
+  return array(
+      queries.shape(),
+      mx::float32,
+      std::make_shared<DecodeAttention>(s, scale),
+      {queries, keys, values});
 }
 
 thread_local std::string last_error;

@@ -7,7 +7,8 @@
 namespace zoo {
 KernelTable avx2_table() {
   return {"avx2+fma", avx2::softmax_rows, avx2::softmax_vjp_rows, avx2::silu,
-          avx2::silu_vjp, avx2::matvec_f32,
+          avx2::silu_vjp, avx2::attend_one_query,
+          avx2::matvec_f32,
           avx2::matvec_quantized};
 }
 } // namespace zoo

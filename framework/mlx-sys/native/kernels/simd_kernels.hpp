@@ -117,6 +117,54 @@ inline void silu_vjp(const float* x, const float* g, float* out, size_t n) {
   }
 }
 
+// Attention of one query over `s_len` cached positions for one head:
+// out = softmax(scale * q . k_i) . v_i. Rows of k and v are `k_row` /
+// `v_row` floats apart with unit stride inside a row (the KV cache's
+// layout, also when it is a view into a larger buffer). `scores` has room
+// for `s_len` values.
+inline void attend_one_query(
+    const float* q,
+    const float* k,
+    int64_t k_row,
+    const float* v,
+    int64_t v_row,
+    float* out,
+    size_t s_len,
+    size_t d,
+    float scale,
+    float* scores) {
+  float max = -__builtin_inff();
+  for (size_t i = 0; i < s_len; ++i) {
+    const float* key = k + static_cast<int64_t>(i) * k_row;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (size_t j = 0; j < d; ++j) {
+      dot += q[j] * key[j];
+    }
+    scores[i] = dot * scale;
+    max = scores[i] > max ? scores[i] : max;
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (size_t i = 0; i < s_len; ++i) {
+    float e = exp_approx(scores[i] - max);
+    scores[i] = e;
+    sum += e;
+  }
+  for (size_t j = 0; j < d; ++j) {
+    out[j] = 0.0f;
+  }
+  float inverse = 1.0f / sum;
+  for (size_t i = 0; i < s_len; ++i) {
+    const float* value = v + static_cast<int64_t>(i) * v_row;
+    float p = scores[i] * inverse;
+#pragma omp simd
+    for (size_t j = 0; j < d; ++j) {
+      out[j] += p * value[j];
+    }
+  }
+}
+
 // Matrix-vector products for a few rows (token-by-token decoding): the
 // weight is [n, k] row-major, the input [m, k], the output [m, n]; each call
 // computes the output columns [n0, n1) so that threads can share a product.
@@ -151,9 +199,9 @@ inline void matvec_f32(
 // per value packed little-end first into uint32 words, one scale and bias
 // per `group` consecutive inputs ([n, k / group] float32 each), the weight
 // being scale * q + bias. `xsums` holds each input row's sum over each group
-// ([m, k / group]), so the bias term costs one multiply per group.
-// M input rows, known at compile time so that the accumulators stay in
-// registers.
+// ([m, k / group]), so the bias term costs one multiply per group. The
+// number of input rows M is a template parameter so that the accumulators
+// stay in registers (with a run-time count they were spilled: 2x slower).
 template <size_t M>
 inline void matvec_quantized_rows(
     const uint32_t* w,
@@ -196,33 +244,38 @@ inline void matvec_quantized_rows(
         even[r] = _mm256_setzero_ps();
         odd[r] = _mm256_setzero_ps();
       }
+      // Two vectors of 8 weights at a time, from 2 words of 4-bit values
+      // or 4 words of 8-bit ones (groups hold a multiple of 16 values).
+      auto accumulate = [&](auto unpack, size_t words_per_step) {
+        for (size_t v = 0; v < words_per_group; v += words_per_step) {
+          __m256 q0;
+          __m256 q1;
+          unpack(words + v, q0, q1);
+          for (size_t r = 0; r < m; ++r) {
+            const float* xr = xg + r * k + v * per_word;
+            even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xr), even[r]);
+            odd[r] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), odd[r]);
+          }
+        }
+      };
       if (bits == 4) {
-        // 8 values per word; words_per_group is even (group >= 32).
-        for (size_t v = 0; v < words_per_group; v += 2) {
-          __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(
-              _mm256_srlv_epi32(_mm256_set1_epi32(words[v]), shifts4), low4));
-          __m256 q1 = _mm256_cvtepi32_ps(_mm256_and_si256(
-              _mm256_srlv_epi32(_mm256_set1_epi32(words[v + 1]), shifts4),
-              low4));
-          for (size_t r = 0; r < m; ++r) {
-            const float* xr = xg + r * k + v * 8;
-            even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xr), even[r]);
-            odd[r] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), odd[r]);
-          }
-        }
+        accumulate(
+            [&](const uint32_t* at, __m256& q0, __m256& q1) {
+              q0 = _mm256_cvtepi32_ps(_mm256_and_si256(
+                  _mm256_srlv_epi32(_mm256_set1_epi32(at[0]), shifts4), low4));
+              q1 = _mm256_cvtepi32_ps(_mm256_and_si256(
+                  _mm256_srlv_epi32(_mm256_set1_epi32(at[1]), shifts4), low4));
+            },
+            2);
       } else {
-        // 4 values per word: 8 values from each pair of words.
-        for (size_t v = 0; v < words_per_group; v += 4) {
-          __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(words + v))));
-          __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-              reinterpret_cast<const __m128i*>(words + v + 2))));
-          for (size_t r = 0; r < m; ++r) {
-            const float* xr = xg + r * k + v * 4;
-            even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xr), even[r]);
-            odd[r] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), odd[r]);
-          }
-        }
+        accumulate(
+            [](const uint32_t* at, __m256& q0, __m256& q1) {
+              q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at))));
+              q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + 2))));
+            },
+            4);
       }
       __m256 scale = _mm256_set1_ps(row_scales[g]);
       for (size_t r = 0; r < m; ++r) {

@@ -12,6 +12,9 @@ struct KernelTable {
   void (*softmax_vjp_rows)(const float*, const float*, float*, size_t, size_t);
   void (*silu)(const float*, float*, size_t);
   void (*silu_vjp)(const float*, const float*, float*, size_t);
+  void (*attend_one_query)(
+      const float*, const float*, int64_t, const float*, int64_t, float*,
+      size_t, size_t, float, float*);
   void (*matvec_f32)(
       const float*, const float*, float*, size_t, size_t, size_t, size_t,
       size_t);

@@ -23,8 +23,10 @@ int zoo_softmax_last_axis(mlx_array* res, const mlx_array x, const mlx_stream s)
  * [batch, heads, length, head_dim] arrays with grouped key/value heads, as
  * MLX's fast::scaled_dot_product_attention: `mask_mode` "" or "causal"
  * (queries aligned to the end of the keys), `mask` an empty array or a
- * boolean (true = attend) or additive mask. On a non-CPU stream this is
- * MLX's own fused attention. */
+ * boolean (true = attend) or additive mask. A single float32 query without
+ * a mask (decoding) runs a one-pass kernel that reads the keys and values
+ * in place, views included. On a non-CPU stream this is MLX's own fused
+ * attention. */
 int zoo_attention(
     mlx_array* res,
     const mlx_array queries,
