@@ -219,7 +219,9 @@ impl Generation<'_> {
     }
 
     /// The logits the next token will be chosen from (waiting for them when
-    /// greedy decoding is computing them ahead).
+    /// greedy decoding is computing them ahead); `None` once generation is
+    /// over, or when computing them failed (the next call to `next` then
+    /// returns the error).
     pub fn next_logits(&mut self) -> Option<&[f32]> {
         if let Some(NextLogits::Device(row)) = &self.next_logits {
             match read_row(row) {
