@@ -242,6 +242,16 @@ class CpuPrimitive : public UnaryPrimitive {
 // Input rows up to which `zoo_matvec` uses its own kernel.
 constexpr size_t kMaxRows = 4;
 
+// The backward primitive `P` applied to `saved` (what the forward pass
+// keeps) and the cotangent, made a dense float32 array for the kernel.
+template <class P>
+array with_cotangent(const array& saved, const array& cotangent, Stream s) {
+  array g = mlx::core::contiguous(
+      mlx::core::astype(cotangent, mlx::core::float32, s), false, s);
+  return array(
+      saved.shape(), mlx::core::float32, std::make_shared<P>(s), {saved, g});
+}
+
 // The cotangent of softmax over the last axis: inputs (y, g).
 class SoftmaxVjp : public CpuPrimitive {
  public:
@@ -293,16 +303,7 @@ class Softmax : public CpuPrimitive {
       const std::vector<array>& cotangents,
       const std::vector<int>&,
       const std::vector<array>& outputs) override {
-    const array& y = outputs[0];
-    array g = mlx::core::contiguous(
-        mlx::core::astype(cotangents[0], mlx::core::float32, stream()),
-        false,
-        stream());
-    return {array(
-        y.shape(),
-        mlx::core::float32,
-        std::make_shared<SoftmaxVjp>(stream()),
-        {y, g})};
+    return {with_cotangent<SoftmaxVjp>(outputs[0], cotangents[0], stream())};
   }
   const char* name() const override {
     return "ZooSoftmax";
@@ -356,16 +357,7 @@ class Silu : public CpuPrimitive {
       const std::vector<array>& cotangents,
       const std::vector<int>&,
       const std::vector<array>&) override {
-    const array& x = primals[0];
-    array g = mlx::core::contiguous(
-        mlx::core::astype(cotangents[0], mlx::core::float32, stream()),
-        false,
-        stream());
-    return {array(
-        x.shape(),
-        mlx::core::float32,
-        std::make_shared<SiluVjp>(stream()),
-        {x, g})};
+    return {with_cotangent<SiluVjp>(primals[0], cotangents[0], stream())};
   }
   const char* name() const override {
     return "ZooSilu";
