@@ -237,6 +237,32 @@ class CpuPrimitive : public UnaryPrimitive {
   std::vector<Shape> output_shapes(const std::vector<array>& inputs) override {
     return {inputs[0].shape()};
   }
+
+ protected:
+  // The stream's encoder, with `inputs` and `out` registered on it.
+  mlx::core::cpu::CommandEncoder& encoder_for(
+      const std::vector<array>& inputs,
+      array& out) {
+    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
+    for (const array& in : inputs) {
+      encoder.set_input_array(in);
+    }
+    encoder.set_output_array(out);
+    return encoder;
+  }
+
+  // For the element-wise kernels: checks that every input is dense
+  // float32, gives `out` the last input's buffer when it can be donated (a
+  // fresh one otherwise) and returns the encoder, arrays registered.
+  mlx::core::cpu::CommandEncoder& prepare_elementwise(
+      const std::vector<array>& inputs,
+      array& out) {
+    for (const array& input : inputs) {
+      require_dense(input, name());
+    }
+    allocate_output(out, inputs.back());
+    return encoder_for(inputs, out);
+  }
 };
 
 // Input rows up to which `zoo_matvec` uses its own kernel.
@@ -260,15 +286,9 @@ class SoftmaxVjp : public CpuPrimitive {
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& y = inputs[0];
     const array& g = inputs[1];
-    require_dense(y, name());
-    require_dense(g, name());
-    allocate_output(out, g);
+    auto& encoder = prepare_elementwise(inputs, out);
     size_t n = y.ndim() == 0 ? 1 : static_cast<size_t>(y.shape(-1));
     size_t rows = n == 0 ? 0 : y.size() / n;
-    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
-    encoder.set_input_array(y);
-    encoder.set_input_array(g);
-    encoder.set_output_array(out);
     encoder.dispatch([y = y.data<float>(), g = g.data<float>(),
                       o = out.data<float>(), rows, n]() {
       kernels().softmax_vjp_rows(y, g, o, rows, n);
@@ -286,13 +306,9 @@ class Softmax : public CpuPrimitive {
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& x = inputs[0];
-    require_dense(x, name());
-    allocate_output(out, x);
+    auto& encoder = prepare_elementwise(inputs, out);
     size_t n = x.ndim() == 0 ? 1 : static_cast<size_t>(x.shape(-1));
     size_t rows = n == 0 ? 0 : x.size() / n;
-    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
     encoder.dispatch(
         [x = x.data<float>(), o = out.data<float>(), rows, n]() {
           kernels().softmax_rows(x, o, rows, n);
@@ -318,13 +334,7 @@ class SiluVjp : public CpuPrimitive {
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& x = inputs[0];
     const array& g = inputs[1];
-    require_dense(x, name());
-    require_dense(g, name());
-    allocate_output(out, g);
-    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_input_array(g);
-    encoder.set_output_array(out);
+    auto& encoder = prepare_elementwise(inputs, out);
     encoder.dispatch([x = x.data<float>(), g = g.data<float>(),
                       o = out.data<float>(), n = x.size()]() {
       kernels().silu_vjp(x, g, o, n);
@@ -342,11 +352,7 @@ class Silu : public CpuPrimitive {
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     const array& x = inputs[0];
-    require_dense(x, name());
-    allocate_output(out, x);
-    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
+    auto& encoder = prepare_elementwise(inputs, out);
     encoder.dispatch(
         [x = x.data<float>(), o = out.data<float>(), n = x.size()]() {
           kernels().silu(x, o, n);
@@ -386,11 +392,7 @@ class Matvec : public CpuPrimitive {
     size_t k = static_cast<size_t>(x.shape(-1));
     size_t n = static_cast<size_t>(w.shape(0));
     size_t m = k == 0 ? 0 : x.size() / k;
-    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
-    for (const array& input : inputs) {
-      encoder.set_input_array(input);
-    }
-    encoder.set_output_array(out);
+    auto& encoder = encoder_for(inputs, out);
     // Parts of at least 32 output columns, a few per thread.
     WorkerPool& pool = WorkerPool::instance();
     int parts = static_cast<int>(
@@ -663,11 +665,7 @@ class DecodeAttention : public CpuPrimitive {
 
   void eval_cpu(const std::vector<array>& inputs, array& out) override {
     out.set_data(mlx::core::allocator::malloc(out.nbytes()));
-    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
-    for (const array& input : inputs) {
-      encoder.set_input_array(input);
-    }
-    encoder.set_output_array(out);
+    auto& encoder = encoder_for(inputs, out);
     const array& q = inputs[0];
     const array& k = inputs[1];
     const array& v = inputs[2];
