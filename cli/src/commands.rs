@@ -56,7 +56,24 @@ pub fn info(json: bool) -> Result<()> {
         info.mlx_version, info.mlx_c_version
     );
     println!("library    {}", info.libmlx);
+    println!("backend    {}", info.backend);
     println!("device     {}", info.device);
+    match &info.gpu {
+        Some(gpu) => println!(
+            "GPU        {} ({} of memory){}",
+            gpu.name,
+            bytes(gpu.total_memory),
+            if gpu.count > 1 {
+                format!(", {} GPUs", gpu.count)
+            } else {
+                String::new()
+            }
+        ),
+        None if info.backend == "cpu" => {
+            println!("GPU        none (CPU build; MLX_ZOO_BACKEND=cuda builds for NVIDIA GPUs)")
+        }
+        None => println!("GPU        none usable (no device or driver found)"),
+    }
     let slow = if info.blas.slow {
         "  (slow: install libopenblas-dev and rebuild)"
     } else {

@@ -64,6 +64,11 @@ pub struct RunShape {
     /// steps about 1.5x as long).
     #[arg(long)]
     pub grad_checkpoint: bool,
+    /// Compute dtype of the base model's weights and activations: f32, f16
+    /// or bf16 (adapter weights and optimizer state stay float32). bf16 is
+    /// what GPUs are fast at and what mlx-lm trains a bfloat16 checkpoint in.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 /// Arguments of `zoo finetune`.
@@ -206,7 +211,14 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         other => bail!("--decay {other}: expected constant, linear or cosine"),
     };
     let optimizer: OptimizerKind = args.shape.optimizer.parse()?;
-    let mut options = LoadOptions::default();
+    let mut options = LoadOptions {
+        dtype: args
+            .shape
+            .dtype
+            .parse::<mlx_zoo::loader::ComputeDtype>()
+            .context("--dtype")?,
+        ..LoadOptions::default()
+    };
     if args.shape.train_type == TrainType::Qlora {
         let settings = mlx_zoo::quantize::QuantSettings {
             bits: args.shape.q_bits,
@@ -311,9 +323,13 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         save_every: args.save_every,
         pack: args.pack.then_some(args.shape.max_seq_len),
         streams: args.streams.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(args.shape.batch_size)
+            if mlx_zoo::runtime::on_cpu() {
+                std::thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .min(args.shape.batch_size)
+            } else {
+                1
+            }
         }),
     };
     let pad = tokenizer.eos_ids().first().copied().unwrap_or(0);

@@ -34,6 +34,10 @@ struct Cli {
     /// Only errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Where MLX computes: gpu (CUDA or Metal builds), cpu, or auto (the
+    /// GPU when the build has a usable one).
+    #[arg(long, global = true, env = "ZOO_DEVICE", default_value = "auto")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -348,7 +352,18 @@ fn fetch_sources(command: &mut Command, quiet: bool) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
-    mlx_zoo::runtime::warn_if_slow_blas();
+    let device = cli
+        .device
+        .parse::<mlx_zoo::runtime::DeviceChoice>()
+        .and_then(mlx_zoo::runtime::select_device);
+    match device {
+        Ok("gpu") => {}
+        Ok(_) => mlx_zoo::runtime::warn_if_slow_blas(),
+        Err(error) => {
+            eprintln!("error: --device / ZOO_DEVICE: {error}");
+            return ExitCode::from(2);
+        }
+    }
     if let Err(error) = fetch_sources(&mut cli.command, cli.quiet) {
         eprintln!("error: {error:#}");
         return ExitCode::from(exit_code(&error));

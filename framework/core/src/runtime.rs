@@ -1,5 +1,6 @@
-//! Facts about the MLX runtime this process runs on: versions, the default
-//! device, which BLAS library MLX's CPU matmuls actually reach (and its
+//! Facts about the MLX runtime this process runs on, and the choice of
+//! device: versions, the backend MLX was built with, the default device and
+//! the GPU (when the build has one), which BLAS library MLX's CPU matmuls actually reach (and its
 //! thread count, which the trainer lowers while streams share the cores),
 //! and memory figures. The BLAS is read from the libraries loaded into the process, so
 //! it reports what runs, not what was intended at build time.
@@ -30,6 +31,125 @@ pub struct MemoryInfo {
     pub limit: usize,
 }
 
+/// The GPU of a GPU build of MLX (CUDA or Metal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GpuInfo {
+    /// The device's name, e.g. `NVIDIA H200`.
+    pub name: String,
+    /// Its total memory in bytes (0 when the backend does not say).
+    pub total_memory: usize,
+    /// How many GPUs MLX can use.
+    pub count: usize,
+}
+
+/// Where MLX computes: `--device` / `ZOO_DEVICE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The GPU when the build has a usable one, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The GPU; an error when there is none.
+    Gpu,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = crate::Error;
+
+    fn from_str(text: &str) -> crate::Result<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "gpu" | "cuda" | "metal" => Ok(Self::Gpu),
+            other => Err(crate::Error::InvalidArgument(format!(
+                "device `{other}`: expected cpu, gpu or auto"
+            ))),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Reads `ZOO_DEVICE` (auto when unset).
+    pub fn from_env() -> crate::Result<Self> {
+        match std::env::var("ZOO_DEVICE") {
+            Ok(value) => value.parse().map_err(|e: crate::Error| {
+                crate::Error::InvalidArgument(format!("ZOO_DEVICE: {e}"))
+            }),
+            Err(_) => Ok(Self::Auto),
+        }
+    }
+}
+
+/// The GPU the linked MLX can use, if any (`None` on a CPU build, or when
+/// the GPU backend finds no usable device or driver).
+pub fn gpu_info() -> Option<GpuInfo> {
+    let mut name = [0 as std::ffi::c_char; 256];
+    let mut total_memory = 0usize;
+    // SAFETY: the buffer and the out-parameter are live for the call, and
+    // the function writes at most `name.len()` bytes, NUL-terminated.
+    let count = unsafe { mlx_sys::zoo_gpu_info(name.as_mut_ptr(), name.len(), &mut total_memory) };
+    if count <= 0 {
+        return None;
+    }
+    // SAFETY: zoo_gpu_info NUL-terminates the buffer.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    Some(GpuInfo {
+        name,
+        total_memory,
+        count: count as usize,
+    })
+}
+
+/// Makes MLX compute on the device `choice` names, for every array made
+/// after the call on any thread; returns `gpu` or `cpu`. MLX itself starts
+/// on the GPU when its build has a usable one.
+pub fn select_device(choice: DeviceChoice) -> crate::Result<&'static str> {
+    let gpu = gpu_info().is_some();
+    let use_gpu = match choice {
+        DeviceChoice::Auto => gpu,
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Gpu if gpu => true,
+        DeviceChoice::Gpu => {
+            return Err(crate::Error::InvalidArgument(format!(
+                "no GPU: this MLX build ({} backend) has none usable{}",
+                mlx_sys::BACKEND,
+                if mlx_sys::BACKEND == "cpu" {
+                    "; build with MLX_ZOO_BACKEND=cuda for NVIDIA GPUs"
+                } else {
+                    " (is the NVIDIA driver loaded?)"
+                }
+            )))
+        }
+    };
+    let device = if use_gpu {
+        mlx_rs::Device::gpu()
+    } else {
+        mlx_rs::Device::cpu()
+    };
+    mlx_rs::Device::set_default(&device);
+    Ok(if use_gpu { "gpu" } else { "cpu" })
+}
+
+/// Whether the current default stream computes on the CPU: the CPU-only
+/// machinery (concurrent CPU streams, BLAS thread control, the own CPU
+/// kernels, chunked causal attention) applies only then.
+pub fn on_cpu() -> bool {
+    let stream = mlx_rs::Stream::thread_local_or_default();
+    // SAFETY: the stream is a live handle; the device handle is created
+    // here and freed after its type is read.
+    unsafe {
+        let mut device = mlx_sys::mlx_device_new();
+        let mut kind = mlx_sys::mlx_device_type__MLX_CPU;
+        let ok = mlx_sys::mlx_stream_get_device(&mut device, stream.as_ptr()) == 0
+            && mlx_sys::mlx_device_get_type(&mut kind, device) == 0;
+        mlx_sys::mlx_device_free(device);
+        !ok || kind == mlx_sys::mlx_device_type__MLX_CPU
+    }
+}
+
 /// Everything `zoo info` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct RuntimeInfo {
@@ -37,9 +157,14 @@ pub struct RuntimeInfo {
     pub mlx_version: String,
     /// mlx-c version of the bindings.
     pub mlx_c_version: String,
+    /// The backend MLX was built with: `cpu`, `cuda` or `metal`.
+    pub backend: String,
     /// The default device, e.g. `cpu`.
     pub device: String,
-    /// The MLX library loaded.
+    /// The GPU, when the build has a usable one.
+    pub gpu: Option<GpuInfo>,
+    /// The MLX library loaded (the one linked at build time when the loader
+    /// does not say).
     pub libmlx: String,
     /// The BLAS in use.
     pub blas: BlasInfo,
@@ -67,8 +192,13 @@ pub fn runtime_info() -> RuntimeInfo {
     RuntimeInfo {
         mlx_version: mlx_version(),
         mlx_c_version: mlx_sys::MLX_C_VERSION.to_owned(),
+        backend: mlx_sys::BACKEND.to_owned(),
         device,
-        libmlx: mlx_sys::LINKED_LIBMLX.to_owned(),
+        gpu: gpu_info(),
+        libmlx: loaded_libraries()
+            .into_iter()
+            .find(|l| l.contains("libmlx"))
+            .unwrap_or_else(|| mlx_sys::LINKED_LIBMLX.to_owned()),
         blas: blas(),
         blas_threads: blas_threads(),
         kernels: crate::nn::kernels_isa().to_owned(),

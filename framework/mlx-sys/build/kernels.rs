@@ -29,6 +29,10 @@ fn units(target_arch: &str) -> Vec<Unit> {
             file: "simd_generic.cpp",
             flags: &[],
         },
+        Unit {
+            file: "gpu_info.cpp",
+            flags: &[],
+        },
     ];
     if target_arch == "x86_64" {
         units.push(Unit {
@@ -56,6 +60,10 @@ pub fn build_kernels(
         mlx_c.to_string_lossy().as_bytes().to_vec(),
         target_arch.as_bytes().to_vec(),
     ];
+    for unit in units(target_arch) {
+        parts.push(unit.file.as_bytes().to_vec());
+        parts.push(unit.flags.join(" ").into_bytes());
+    }
     let mut names: Vec<_> = fs::read_dir(&source_dir)
         .map_err(|e| format!("{}: {e}", source_dir.display()))?
         .flatten()

@@ -8,8 +8,10 @@
 //! its result outside `target/`, so `cargo clean` does not fetch or compile
 //! the native side twice. The steps live in one module each.
 
+mod backend;
 mod bindings;
 mod cache;
+mod cuda_stubs;
 mod kernels;
 mod native;
 mod sources;
@@ -23,6 +25,7 @@ use std::path::PathBuf;
 const WATCHED_ENV: &[&str] = &[
     "MLX_DIR",
     "MLX_C_DIR",
+    "MLX_ZOO_BACKEND",
     "MLX_ZOO_CACHE",
     "MLX_ZOO_BLAS",
     "PYTHON",
@@ -51,8 +54,9 @@ fn run() -> Result<(), String> {
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
 
     tools::require(&tools::needed(&target_os))?;
+    let backend = backend::Backend::from_env()?;
     let cache = cache::Cache::open()?;
-    let mlx = sources::mlx_install(&cache)?;
+    let mlx = sources::mlx_install(&cache, backend)?;
     let mlx_c = sources::mlx_c_sources(&cache)?;
 
     let built = native::build_mlx_c(&cache, &mlx_c, &mlx, &manifest_dir.join("native"))?;
@@ -66,6 +70,15 @@ fn run() -> Result<(), String> {
     let prelude = manifest_dir.join("native").join("bindgen_prelude.h");
     bindings::generate(&cache, &mlx_c, &built, &prelude, &out_dir)?;
     let staged = stage::stage_libmlx(&cache, &mlx, &target_os)?;
+    if !staged.unresolved.is_empty() {
+        println!(
+            "cargo:warning=MLX's CUDA build needs {} at run time, which this machine does not \
+             have where libmlx looks: install the NVIDIA driver and the CUDA 13 wheels \
+             (pip install mlx-cuda-13=={}) or put their lib folders on LD_LIBRARY_PATH",
+            staged.unresolved.join(", "),
+            sources::MLX_VERSION
+        );
+    }
 
     println!("cargo:rustc-link-search=native={}", built.lib_dir.display());
     println!("cargo:rustc-link-search=native={}", staged.dir.display());
@@ -83,6 +96,14 @@ fn run() -> Result<(), String> {
         staged.library.display()
     );
     println!("cargo:rustc-env=MLX_SYS_BLAS={}", staged.blas.label());
+    let built_backend = if mlx.cuda {
+        "cuda"
+    } else if target_os == "macos" {
+        "metal"
+    } else {
+        backend.label()
+    };
+    println!("cargo:rustc-env=MLX_SYS_BACKEND={built_backend}");
     println!(
         "cargo:rustc-env=MLX_SYS_MLX_VERSION={}",
         sources::MLX_VERSION

@@ -56,6 +56,11 @@ fn compile(
 ) -> Result<(), String> {
     let build = scratch.join("build");
     let jobs = env::var("NUM_JOBS").unwrap_or_else(|_| "2".to_owned());
+    let mlx_cmake_dir = if mlx.cuda {
+        minimal_mlx_config(&build.join("mlx-cmake"), mlx)?
+    } else {
+        mlx.cmake_dir.clone()
+    };
     tools::run(
         Command::new("cmake")
             .arg("-S")
@@ -68,7 +73,7 @@ fn compile(
             .arg("-DBUILD_SHARED_LIBS=OFF")
             .arg("-DMLX_C_BUILD_EXAMPLES=OFF")
             .arg("-DMLX_C_USE_SYSTEM_MLX=ON")
-            .arg(format!("-DMLX_DIR={}", mlx.cmake_dir.display()))
+            .arg(format!("-DMLX_DIR={}", mlx_cmake_dir.display()))
             .arg(format!(
                 "-DCMAKE_CXX_FLAGS=-isystem {} -include {}",
                 mlx.include_dir.display(),
@@ -94,6 +99,43 @@ fn compile(
     fs::copy(&library, scratch.join("libmlxc.a")).map_err(|e| e.to_string())?;
     fs::remove_dir_all(&build).map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Writes a CMake package for `mlx` that only names its library and
+/// headers. The CUDA wheel's own `MLXConfig.cmake` calls
+/// `find_dependency(CUDAToolkit)` and `find_dependency(CUDNN)`, which fail on
+/// a machine without the CUDA toolkit; mlx-c is a static library of C
+/// wrappers and needs neither to compile.
+fn minimal_mlx_config(dir: &Path, mlx: &MlxInstall) -> Result<PathBuf, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let library = mlx.library();
+    let config = format!(
+        "# Written by mlx-sys's build script: MLX {version} without its CUDA\n\
+         # toolkit dependencies (not needed to compile mlx-c).\n\
+         if(NOT TARGET mlx)\n\
+         \x20 add_library(mlx SHARED IMPORTED)\n\
+         \x20 set_target_properties(mlx PROPERTIES\n\
+         \x20   IMPORTED_LOCATION \"{library}\"\n\
+         \x20   IMPORTED_NO_SONAME TRUE\n\
+         \x20   INTERFACE_INCLUDE_DIRECTORIES \"{include}\"\n\
+         \x20   INTERFACE_COMPILE_FEATURES cxx_std_20)\n\
+         endif()\n\
+         set(MLX_FOUND TRUE)\n\
+         set(MLX_INCLUDE_DIRS \"{include}\")\n\
+         set(MLX_LIBRARY_DIRS \"{lib_dir}\")\n\
+         set(MLX_LIBRARY \"{library}\")\n\
+         set(MLX_LIBRARIES mlx)\n\
+         set(MLX_CXX_FLAGS \"\")\n\
+         set(MLX_BUILD_METAL OFF)\n\
+         set(MLX_BUILD_ACCELERATE OFF)\n",
+        version = crate::sources::MLX_VERSION,
+        library = library.display(),
+        include = mlx.include_dir.display(),
+        lib_dir = mlx.lib_dir.display(),
+    );
+    let file = dir.join("MLXConfig.cmake");
+    fs::write(&file, config).map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(dir.to_path_buf())
 }
 
 fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {

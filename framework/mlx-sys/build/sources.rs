@@ -4,11 +4,15 @@
 //!   (`src/mlx-c`). Cargo itself downloads that package on a throwaway
 //!   manifest; the `.crate` is checked against its pinned SHA-256 before it is
 //!   unpacked. `MLX_C_DIR` points at an mlx-c checkout instead.
-//! * MLX: the PyPI wheel `mlx-cpu==0.32.2`, which ships `libmlx.so`, headers
-//!   and a CMake package, downloaded with pip and unpacked (not installed).
-//!   `MLX_DIR` points at another MLX install prefix instead (a Metal build on
-//!   macOS, a CUDA build on Linux).
+//! * MLX: the PyPI wheel `mlx-cpu==0.32.2` (or `mlx-cuda-13==0.32.2` with
+//!   `MLX_ZOO_BACKEND=cuda`), which ships `libmlx.so`, headers and a CMake
+//!   package, downloaded with pip and unpacked (not installed). For CUDA an
+//!   `mlx-cuda-13` already installed in the Python environment is preferred:
+//!   the NVIDIA runtime wheels it depends on sit beside it, where its rpath
+//!   finds them. `MLX_DIR` points at another MLX install prefix instead (a
+//!   Metal build on macOS, a CUDA build on Linux).
 
+use crate::backend::Backend;
 use crate::cache::{self, Cache};
 use crate::tools;
 use std::env;
@@ -32,14 +36,18 @@ pub struct MlxInstall {
     pub include_dir: PathBuf,
     /// The CMake package directory (holding `MLXConfig.cmake`).
     pub cmake_dir: PathBuf,
+    /// Whether this MLX was built with its CUDA backend (its library needs
+    /// `libcuda.so.1`).
+    pub cuda: bool,
 }
 
 impl MlxInstall {
     fn from_prefix(prefix: &Path) -> Result<Self, String> {
-        let install = Self {
+        let mut install = Self {
             lib_dir: prefix.join("lib"),
             include_dir: prefix.join("include"),
             cmake_dir: prefix.join("share").join("cmake").join("MLX"),
+            cuda: false,
         };
         let config = install.cmake_dir.join("MLXConfig.cmake");
         if !config.is_file() {
@@ -56,6 +64,8 @@ impl MlxInstall {
                 install.include_dir.join("mlx/mlx.h").display()
             ));
         }
+        install.cuda = install.include_dir.join("mlx/backend/cuda").is_dir()
+            && needs_libcuda(&install.library());
         Ok(install)
     }
 
@@ -70,9 +80,19 @@ impl MlxInstall {
     }
 }
 
-/// Finds MLX: `$MLX_DIR` when set, else the cached `mlx-cpu` wheel
-/// (downloading it on first use).
-pub fn mlx_install(cache: &Cache) -> Result<MlxInstall, String> {
+/// Whether the shared library at `library` depends on the CUDA driver.
+fn needs_libcuda(library: &Path) -> bool {
+    Command::new("patchelf")
+        .arg("--print-needed")
+        .arg(library)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("libcuda.so"))
+        .unwrap_or(false)
+}
+
+/// Finds MLX: `$MLX_DIR` when set; for CUDA an installed `mlx-cuda-13`;
+/// else the cached wheel of `backend` (downloading it on first use).
+pub fn mlx_install(cache: &Cache, backend: Backend) -> Result<MlxInstall, String> {
     if let Some(dir) = env::var_os("MLX_DIR") {
         let dir = PathBuf::from(dir);
         // Accept the CMake package directory as well as the prefix.
@@ -83,11 +103,59 @@ pub fn mlx_install(cache: &Cache) -> Result<MlxInstall, String> {
         };
         return MlxInstall::from_prefix(&prefix).map_err(|e| format!("MLX_DIR: {e}"));
     }
-    let entry = cache.get_or_fill(&format!("mlx-cpu-{MLX_VERSION}"), download_wheel)?;
-    MlxInstall::from_prefix(&entry.join("mlx"))
+    if backend == Backend::Cuda {
+        if let Some(prefix) = installed_wheel(backend.wheel()) {
+            return MlxInstall::from_prefix(&prefix);
+        }
+    }
+    let wheel = backend.wheel();
+    let entry = cache.get_or_fill(&format!("{wheel}-{MLX_VERSION}"), |scratch| {
+        download_wheel(scratch, wheel)
+    })?;
+    let install = MlxInstall::from_prefix(&entry.join("mlx"))?;
+    if backend == Backend::Cuda && !install.cuda {
+        return Err(format!(
+            "the {wheel} wheel in {} does not hold a CUDA build of MLX",
+            entry.display()
+        ));
+    }
+    Ok(install)
 }
 
-fn download_wheel(scratch: &Path) -> Result<(), String> {
+/// The `mlx` prefix of `distribution` ==[`MLX_VERSION`] when it is installed
+/// in the Python environment of [`tools::python`].
+fn installed_wheel(distribution: &str) -> Option<PathBuf> {
+    let script = format!(
+        "import importlib.metadata as m\n\
+         d = m.distribution('{distribution}')\n\
+         print(d.version)\n\
+         print(d.locate_file('mlx'))\n"
+    );
+    let output = Command::new(tools::python())
+        .args(["-c", &script])
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut lines = text.lines();
+    let version = lines.next()?.trim();
+    let prefix = PathBuf::from(lines.next()?.trim());
+    if version != MLX_VERSION {
+        println!(
+            "cargo:warning={distribution} {version} is installed, but mlx-zoo needs \
+             {MLX_VERSION}; using the {MLX_VERSION} wheel from PyPI instead"
+        );
+        return None;
+    }
+    prefix
+        .join("share/cmake/MLX/MLXConfig.cmake")
+        .is_file()
+        .then_some(prefix)
+}
+
+fn download_wheel(scratch: &Path, wheel_name: &str) -> Result<(), String> {
     let python = tools::python();
     if !tools::runs(&python, &["-m", "pip", "--version"]) {
         return Err(format!(
@@ -96,13 +164,20 @@ fn download_wheel(scratch: &Path) -> Result<(), String> {
         ));
     }
     let download = scratch.join("download");
+    let mut pip = Command::new(&python);
+    pip.args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+        .arg("--dest")
+        .arg(&download);
+    // The CUDA wheel is tagged manylinux_2_35 and pure `py3`: name the
+    // platform so that an older host glibc or another Python still gets it
+    // (it is unpacked here, never imported).
+    if wheel_name != "mlx-cpu" {
+        let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
+        pip.arg(format!("--platform=manylinux_2_35_{arch}"));
+    }
     tools::run(
-        Command::new(&python)
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-            .arg("--dest")
-            .arg(&download)
-            .arg(format!("mlx-cpu=={MLX_VERSION}")),
-        &format!("downloading the mlx-cpu {MLX_VERSION} wheel with pip"),
+        pip.arg(format!("{wheel_name}=={MLX_VERSION}")),
+        &format!("downloading the {wheel_name} {MLX_VERSION} wheel with pip"),
     )?;
     let wheel = fs::read_dir(&download)
         .map_err(|e| format!("cannot list {}: {e}", download.display()))?
@@ -116,7 +191,7 @@ fn download_wheel(scratch: &Path) -> Result<(), String> {
             .args(["-m", "zipfile", "-e"])
             .arg(&wheel)
             .arg(scratch),
-        "unpacking the mlx-cpu wheel",
+        &format!("unpacking the {wheel_name} wheel"),
     )?;
     fs::remove_dir_all(&download).map_err(|e| format!("cannot clean up: {e}"))?;
     if !scratch.join("mlx/lib").is_dir() {

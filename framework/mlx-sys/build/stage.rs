@@ -11,9 +11,15 @@
 //!   about 67 with OpenBLAS); `MLX_ZOO_BLAS=bundled` keeps it;
 //! * its rpath is absolute, so the libraries it bundles still resolve.
 //!
+//! A CUDA build gets a second copy for linking only (`link/libmlx.so`): the
+//! same library whose rpath reaches link-time stubs of the CUDA libraries
+//! (`cuda_stubs`), and whose SONAME is still the path of the run-time copy,
+//! so what links against it loads the real thing.
+//!
 //! On macOS the library is linked where it is (untested).
 
 use crate::cache::{self, Cache};
+use crate::cuda_stubs;
 use crate::sources::MlxInstall;
 use crate::tools;
 use std::env;
@@ -48,6 +54,10 @@ pub struct Staged {
     pub library: PathBuf,
     /// The BLAS it was bound to.
     pub blas: Blas,
+    /// Dependencies (CUDA's) that neither the library's rpath nor the
+    /// system's loader cache can find on this machine: they must be on
+    /// `LD_LIBRARY_PATH` when a program runs.
+    pub unresolved: Vec<String>,
 }
 
 const OPENBLAS: &str = "libopenblas.so.0";
@@ -63,6 +73,7 @@ pub fn stage_libmlx(cache: &Cache, mlx: &MlxInstall, target_os: &str) -> Result<
             dir: mlx.lib_dir.clone(),
             library: original,
             blas: Blas::Bundled,
+            unresolved: Vec::new(),
         });
     }
     let blas = choose_blas()?;
@@ -78,17 +89,90 @@ pub fn stage_libmlx(cache: &Cache, mlx: &MlxInstall, target_os: &str) -> Result<
         &meta.len().to_le_bytes(),
         &modified.to_le_bytes(),
         blas.label().as_bytes(),
+        &[u8::from(mlx.cuda)],
     ]);
     let name = format!("libmlx-{key}");
     let final_dir = cache.entry(&name);
     let entry = cache.get_or_fill(&name, |scratch| {
-        patch_copy(&original, scratch, &final_dir.join("libmlx.so"), blas)
+        patch_copy(&original, scratch, &final_dir.join("libmlx.so"), blas)?;
+        if mlx.cuda {
+            link_copy(scratch, &final_dir)?;
+        }
+        Ok(())
     })?;
+    let library = entry.join("libmlx.so");
+    let (dir, unresolved) = if mlx.cuda {
+        (entry.join("link"), unresolved_dependencies(&library)?)
+    } else {
+        (entry, Vec::new())
+    };
     Ok(Staged {
-        library: entry.join("libmlx.so"),
-        dir: entry,
+        library,
+        dir,
         blas,
+        unresolved,
     })
+}
+
+/// Makes `scratch/link/libmlx.so`: the run-time copy with an rpath to the
+/// CUDA stubs in `scratch/stubs` (addressed by their final place under
+/// `final_dir`).
+fn link_copy(scratch: &Path, final_dir: &Path) -> Result<(), String> {
+    let runtime = scratch.join("libmlx.so");
+    let stubs = cuda_stubs::write_stubs(&runtime, &scratch.join("stubs"))?;
+    let link_dir = scratch.join("link");
+    fs::create_dir_all(&link_dir).map_err(|e| format!("{}: {e}", link_dir.display()))?;
+    let copy = link_dir.join("libmlx.so");
+    fs::copy(&runtime, &copy).map_err(|e| format!("cannot copy {}: {e}", runtime.display()))?;
+    let rpath = patchelf(
+        &["--print-rpath".as_ref(), copy.as_os_str()],
+        "reading libmlx's rpath",
+    )?;
+    let stub_dir = final_dir.join("stubs");
+    let rpath = format!("{}:{}", stub_dir.display(), rpath.trim());
+    patchelf(
+        &[
+            "--force-rpath".as_ref(),
+            "--set-rpath".as_ref(),
+            rpath.as_ref(),
+            copy.as_os_str(),
+        ],
+        "pointing the link copy of libmlx at the CUDA stubs",
+    )?;
+    println!(
+        "cargo:warning=CUDA build of MLX: linking through stubs of {}",
+        stubs.join(", ")
+    );
+    Ok(())
+}
+
+/// The dependencies of `library` that neither its rpath nor the loader
+/// cache resolves here.
+fn unresolved_dependencies(library: &Path) -> Result<Vec<String>, String> {
+    let needed = patchelf(
+        &["--print-needed".as_ref(), library.as_os_str()],
+        "reading libmlx's dependencies",
+    )?;
+    let rpath = patchelf(
+        &["--print-rpath".as_ref(), library.as_os_str()],
+        "reading libmlx's rpath",
+    )?;
+    let cache = Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let search: Vec<&str> = rpath.trim().split(':').filter(|d| !d.is_empty()).collect();
+    Ok(needed
+        .lines()
+        .map(str::trim)
+        .filter(|lib| !lib.is_empty())
+        .filter(|lib| {
+            !search.iter().any(|dir| Path::new(dir).join(lib).exists())
+                && !cache.contains(&format!("{lib} "))
+        })
+        .map(str::to_owned)
+        .collect())
 }
 
 fn choose_blas() -> Result<Blas, String> {

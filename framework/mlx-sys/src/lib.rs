@@ -20,6 +20,9 @@ pub const LINKED_LIBMLX: &str = env!("MLX_SYS_LIBMLX");
 /// `bundled` (whatever that MLX build brought, the slow reference BLAS for
 /// the PyPI wheel).
 pub const LINKED_BLAS: &str = env!("MLX_SYS_BLAS");
+/// The MLX backend the linked library was built with: `cpu`, `cuda`
+/// (`MLX_ZOO_BACKEND=cuda`) or `metal` (an `MLX_DIR` build on macOS).
+pub const BACKEND: &str = env!("MLX_SYS_BACKEND");
 /// The MLX release this crate was built against.
 pub const MLX_VERSION: &str = env!("MLX_SYS_MLX_VERSION");
 /// The mlx-c release whose bindings this crate exposes.
@@ -97,6 +100,15 @@ extern "C" {
     ) -> i32;
     /// `x * sigmoid(x)`.
     pub fn zoo_silu(res: *mut mlx_array, x: mlx_array, s: mlx_stream) -> i32;
+    /// The number of GPUs the linked MLX can use (0 without a GPU
+    /// backend); for the first, its name into `name` (NUL-terminated, at
+    /// most `name_len` bytes) and its total memory in bytes (0 when the
+    /// backend does not say).
+    pub fn zoo_gpu_info(
+        name: *mut std::os::raw::c_char,
+        name_len: usize,
+        total_memory: *mut usize,
+    ) -> i32;
     /// The calling thread's last failure message (valid until the next call).
     pub fn zoo_last_error() -> *const std::os::raw::c_char;
     /// The instruction set the kernels use: `"avx2+fma"` or `"generic"`.

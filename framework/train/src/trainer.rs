@@ -54,7 +54,8 @@ pub struct TrainConfig {
     /// (on the CPU, each stream is a thread: MLX's element-wise kernels are
     /// single-threaded, so shards put every core to work). OpenBLAS gets
     /// `cores / streams` threads meanwhile. Gradients are combined weighted
-    /// by tokens, as in accumulation.
+    /// by tokens, as in accumulation. On a GPU the setting is ignored: one
+    /// stream already fills the device.
     #[serde(default = "one_stream")]
     pub streams: usize,
 }
@@ -255,7 +256,9 @@ impl Trainer {
         let optimizer =
             Optimizer::new(config.optimizer, config.schedule.lr(0), config.weight_decay)?;
         let order = BatchOrder::new(data.train.len(), config.batch_size, config.seed)?;
-        let streams = if config.streams > 1 {
+        // Concurrent shards only help MLX's CPU backend (its element-wise
+        // kernels are single-threaded); a GPU runs one stream's work wide.
+        let streams = if config.streams > 1 && mlx_zoo_core::runtime::on_cpu() {
             let device = mlx_rs::Device::try_default()?;
             (0..config.streams)
                 .map(|_| mlx_rs::Stream::new_with_device(&device))

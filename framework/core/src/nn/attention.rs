@@ -163,7 +163,9 @@ impl Attention {
                 self.scale,
                 AttentionKernelMask::None,
             ),
-            AttentionMask::Causal if uncached && seq >= 2 * CAUSAL_CHUNK => {
+            AttentionMask::Causal
+                if uncached && seq >= 2 * CAUSAL_CHUNK && crate::runtime::on_cpu() =>
+            {
                 chunked_causal_attention(&queries, &keys, &values, self.scale)
             }
             AttentionMask::Causal => attention(

@@ -56,6 +56,12 @@ int zoo_matvec(
  * above). */
 int zoo_silu(mlx_array* res, const mlx_array x, const mlx_stream s);
 
+/* The GPU MLX computes on, when this MLX build has one and it is usable
+ * (CUDA or Metal): returns the number of GPUs (0 without one) and, for
+ * the first, copies its name (NUL-terminated, cut to `name_len`) and sets
+ * its total memory in bytes (0 when the backend does not say). */
+int zoo_gpu_info(char* name, size_t name_len, size_t* total_memory);
+
 /* The message of the calling thread's last failure. */
 const char* zoo_last_error(void);
 
