@@ -99,7 +99,7 @@ def make_data(path: Path, lines: int = 400) -> None:
                 f.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(SEQ + 40))}) + "\n")
 
 
-def zoo_train(model: Path, data: Path, iters: int, qlora: bool) -> float:
+def zoo_train(model: Path, data: Path, iters: int, qlora: bool, env: dict | None = None) -> float:
     with tempfile.TemporaryDirectory() as out:
         args = [ZOO, "-q", "--device", "gpu", "finetune", str(model), "--data", str(data), "--out", out,
                 "--iters", str(iters), "--batch-size", str(BATCH), "--max-seq-len", str(SEQ),
@@ -107,7 +107,7 @@ def zoo_train(model: Path, data: Path, iters: int, qlora: bool) -> float:
                 "--lora-targets", ",".join(TARGETS), "--decay", "constant", "--dtype", "bf16"]
         if qlora:
             args += ["--train-type", "qlora", "--q-bits", "4", "--q-group-size", "64"]
-        run = subprocess.run(args, capture_output=True, text=True)
+        run = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
         if run.returncode != 0:
             raise RuntimeError(f"zoo finetune failed: {run.stderr[-1500:]}")
         rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl") if '"loss"' in line]
@@ -126,7 +126,9 @@ def mlx_lm_train(model: Path, data: Path, iters: int) -> float:
              "--adapter-path", str(Path(out) / "adapters"), "-c", str(config)],
             capture_output=True, text=True)
     plain = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout)
-    speeds = [float(m) for m in re.findall(r"^\s*\d+\s+[0-9.]+\s+\S?\s+([0-9.]+)\s+[0-9.]+k?\s*$", plain, re.M)]
+    # mlx-lm 0.32's report table: "iter  train_loss [arrow]  tok/s (1,234 style)  tokens".
+    speeds = [float(m.replace(",", "")) for m in
+              re.findall(r"^\s*\d+\s+[0-9.]+\s+\S?\s+([0-9.,]+)\s+[0-9.]+k?\s*$", plain, re.M)]
     if not speeds:
         # Older report lines: "Iter 5: Train loss ..., Tokens/sec 1234.5, ..."
         speeds = [float(m) for m in re.findall(r"Tokens/sec ([0-9.]+)", plain)]
@@ -236,14 +238,22 @@ def main() -> int:
     for kind, base in [("lora", model), ("qlora", q4)]:
         if kind in skip:
             continue
-        measured = alternate(args.repeat, {
+        engines = {
             "mlx-zoo": lambda: zoo_train(model, data, args.iters, kind == "qlora"),
             "mlx-lm": lambda: mlx_lm_train(base, data, args.iters),
-        })
+        }
+        if kind == "qlora":
+            # The other path of a quantized layer: de-quantize, then the float matmul.
+            engines["mlx-zoo-dequantize"] = lambda: zoo_train(model, data, args.iters, True,
+                                                              {"ZOO_DEQUANTIZE_ROWS": "0"})
+        measured = alternate(args.repeat, engines)
         zoo, lm = median(measured["mlx-zoo"]), median(measured["mlx-lm"])
-        report[kind] = {"mlx-zoo": measured["mlx-zoo"], "mlx-lm": measured["mlx-lm"], "ratio": zoo / lm}
+        report[kind] = {**measured, "ratio": zoo / lm}
         print(f"{kind:<6} mlx-zoo {zoo:9.0f} tok/s (MFU {mfu(zoo):4.1f}%)  mlx-lm {lm:9.0f} tok/s "
               f"(MFU {mfu(lm):4.1f}%)  ratio {zoo / lm:.2f}x", flush=True)
+        if "mlx-zoo-dequantize" in measured:
+            dq = median(measured["mlx-zoo-dequantize"])
+            print(f"{kind:<6} mlx-zoo, de-quantizing {dq:9.0f} tok/s ({dq / lm:.2f}x mlx-lm)", flush=True)
     if "torch" not in skip:
         try:
             tps = torch_peft_train(model, max(args.iters, 10))

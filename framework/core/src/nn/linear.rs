@@ -14,7 +14,8 @@
 //! weight and running the float matmul through BLAS once a call has more
 //! than a few rows; [`Linear::forward`] picks the faster path per call (see
 //! [`set_dequantize_rows`]), so quantization keeps its memory win without
-//! its CPU speed loss.
+//! its CPU speed loss. On a GPU the quantized kernels are the fast path at
+//! every size unless `ZOO_DEQUANTIZE_ROWS` says otherwise.
 
 use super::kernels::{matvec, QuantizedWeight, MATVEC_MAX_ROWS};
 use crate::adapter::{Adapter, AdapterParams, AdapterSettings};
@@ -42,6 +43,34 @@ pub fn set_dequantize_rows(rows: usize) {
 /// The current threshold of [`set_dequantize_rows`].
 pub fn dequantize_rows() -> usize {
     DEQUANTIZE_ROWS.load(Ordering::Relaxed)
+}
+
+/// The threshold that applies to a call on the current default device:
+/// `ZOO_DEQUANTIZE_ROWS` when set (read once; `never` or a row count), else
+/// [`dequantize_rows`] on the CPU and never on a GPU.
+fn dequantize_rows_here() -> usize {
+    static FROM_ENV: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let from_env = FROM_ENV.get_or_init(|| {
+        let value = std::env::var("ZOO_DEQUANTIZE_ROWS").ok()?;
+        match value.trim() {
+            "never" => Some(usize::MAX),
+            rows => match rows.parse() {
+                Ok(rows) => Some(rows),
+                Err(_) => {
+                    tracing::warn!(
+                        value,
+                        "ZOO_DEQUANTIZE_ROWS is not a row count or `never`; ignored"
+                    );
+                    None
+                }
+            },
+        }
+    });
+    match from_env {
+        Some(rows) => *rows,
+        None if crate::runtime::on_cpu() => dequantize_rows(),
+        None => usize::MAX,
+    }
 }
 
 /// A linear layer, float or affine-quantized.
@@ -424,7 +453,7 @@ impl Linear {
         let output = match self.quantization {
             None if rows <= MATVEC_MAX_ROWS => matvec(x, self.weight.as_ref(), None)?,
             None => mlx_rs::ops::matmul(x, self.weight.as_ref().t()).context(ctx)?,
-            Some(_) if rows >= dequantize_rows() => {
+            Some(_) if rows >= dequantize_rows_here() => {
                 let weight = self.float_weight()?.as_dtype(x.dtype()).context(ctx)?;
                 mlx_rs::ops::matmul(x, weight.t()).context(ctx)?
             }
