@@ -213,7 +213,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak (H200 measured)")
-    parser.add_argument("--skip", default="", help="comma list of: lora,qlora,torch,generate")
+    parser.add_argument("--skip", default="",
+                        help="comma list of: lora, qlora, torch, generate, generate-bf16, generate-4-bit")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -264,6 +265,8 @@ def main() -> int:
     if "generate" not in skip:
         prompt = [(7 * i + 3) % 128 for i in range(PROMPT_TOKENS)]
         for name, path in [("bf16", model), ("4-bit", q4)]:
+            if f"generate-{name}" in skip:
+                continue
             measured = alternate(args.repeat, {
                 "mlx-zoo": lambda: zoo_generate(path, prompt),
                 "mlx-lm": lambda: mlx_lm_generate(path, prompt),

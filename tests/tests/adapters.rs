@@ -801,3 +801,87 @@ fn dora_on_a_quantized_base_equals_dora_on_its_dequantized_weights() {
         "QDoRA differs from DoRA on the de-quantized weights by {diff}"
     );
 }
+
+/// A copy of adapter `case` whose tensors are stored as `dtype`, as PEFT
+/// and mlx-lm write adapters trained on a half-precision base.
+fn half_precision_copy(case: &str, file: &str, dtype: mlx_rs::Dtype) -> tempfile::TempDir {
+    let tmp = copy_adapter(case);
+    let path = tmp.path().join(file);
+    let tensors = mlx_rs::Array::load_safetensors(&path).unwrap();
+    let cast: std::collections::HashMap<String, mlx_rs::Array> = tensors
+        .into_iter()
+        .map(|(name, t)| (name, t.as_dtype(dtype).unwrap()))
+        .collect();
+    let written = tmp.path().join("cast.safetensors");
+    mlx_rs::Array::save_safetensors(cast, None, &written)
+        .unwrap_or_else(|e| panic!("{}: {e:?}", written.display()));
+    std::fs::rename(&written, &path).unwrap();
+    tmp
+}
+
+/// PEFT and mlx-lm adapters saved in float16 or bfloat16 load (they used to
+/// panic on a dtype check) and give the library's logits for the float32
+/// adapter within the rounding of the stored weights: float16 keeps 11
+/// significant bits (the diff stays near the float32 tolerance), bfloat16 8.
+#[test]
+fn half_precision_adapters_load_and_match_the_library() {
+    for (case, file, format) in [
+        (
+            "peft-lora-llama",
+            "adapter_model.safetensors",
+            AdapterFormat::Peft,
+        ),
+        (
+            "peft-dora-llama",
+            "adapter_model.safetensors",
+            AdapterFormat::Peft,
+        ),
+        (
+            "mlxlm-lora-llama",
+            "adapters.safetensors",
+            AdapterFormat::MlxLm,
+        ),
+    ] {
+        let (ids, expected) = reference(case);
+        for (dtype, tolerance) in [
+            (mlx_rs::Dtype::Float16, 2e-3),
+            (mlx_rs::Dtype::Bfloat16, 2e-2),
+        ] {
+            let tmp = half_precision_copy(case, file, dtype);
+            let mut loaded = load("llama-gqa");
+            let attached = load_adapter(&mut loaded, tmp.path())
+                .unwrap_or_else(|e| panic!("{case} as {dtype:?}: {e}"));
+            assert_eq!(attached.format, format);
+            let logits = loaded.model.forward(&ids, None).unwrap();
+            let diff = max_abs_diff(logits.as_slice::<f32>(), &expected);
+            eprintln!("{case} as {dtype:?}: max abs diff against the library {diff:e}");
+            assert!(diff < tolerance, "{case} as {dtype:?}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn a_lora_a_of_the_wrong_rank_is_named() {
+    const Q_A: &str = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    let err = broken_peft_error(|t| {
+        let (dtype, shape, data) = t.remove(Q_A).unwrap();
+        let len = shape.iter().product::<usize>();
+        t.insert(Q_A.to_owned(), (dtype, vec![len], data));
+    });
+    assert!(
+        err.contains("q_proj.lora_A.weight has shape") && err.contains("expected 2 dimensions"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_integer_adapter_tensor_is_named() {
+    let err = broken_peft_error(|t| {
+        let (_, shape, data) = t.remove(Q_B).unwrap();
+        t.insert(Q_B.to_owned(), (safetensors::Dtype::I32, shape, data));
+    });
+    assert!(
+        err.contains("q_proj.lora_B.weight has dtype") && err.contains("expected float32"),
+        "{err}"
+    );
+}

@@ -98,6 +98,54 @@ struct ModuleTensors {
     magnitude: Option<(String, Array)>,
 }
 
+/// Checks an adapter tensor's rank and dtype before anything indexes its
+/// shape, and casts it to float32: PEFT writes float16 or bfloat16 adapters
+/// for half-precision bases (most adapters on the Hub), and the adapter
+/// math runs in float32.
+fn checked_adapter_tensor(
+    tensor: Array,
+    name: &str,
+    role: Role,
+    format: AdapterFormat,
+    path: &Path,
+) -> Result<Array> {
+    let ranks: &[usize] = match (role, format) {
+        (Role::Magnitude, _) => &[1],
+        // mlx-lm stores expert stacks as [experts, r, in] / [experts, out, r].
+        (Role::A | Role::B, AdapterFormat::MlxLm) => &[2, 3],
+        (Role::A | Role::B, AdapterFormat::Peft) => &[2],
+    };
+    if !ranks.contains(&tensor.ndim()) {
+        return Err(Error::Mapping(format!(
+            "{}: tensor {name} has shape {:?}; expected {} dimensions",
+            path.display(),
+            tensor.shape(),
+            ranks
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )));
+    }
+    if tensor.shape().contains(&0) {
+        return Err(Error::Mapping(format!(
+            "{}: tensor {name} has an empty dimension (shape {:?})",
+            path.display(),
+            tensor.shape()
+        )));
+    }
+    match tensor.dtype() {
+        mlx_rs::Dtype::Float32 => Ok(tensor),
+        mlx_rs::Dtype::Float16 | mlx_rs::Dtype::Bfloat16 => tensor
+            .as_dtype(mlx_rs::Dtype::Float32)
+            .context(|| format!("casting {name} to float32")),
+        other => Err(Error::Mapping(format!(
+            "{}: tensor {name} has dtype {other:?}; expected float32, float16 or bfloat16",
+            path.display()
+        ))),
+    }
+}
+
 /// Reads an adapter directory, maps it onto `model` and attaches it.
 pub fn load_adapter(model: &mut LoadedModel, dir: &Path) -> Result<LoadedAdapter> {
     let format = detect_format(dir)?;
@@ -120,6 +168,7 @@ pub fn load_adapter(model: &mut LoadedModel, dir: &Path) -> Result<LoadedAdapter
                 tensors_path.display()
             ))
         })?;
+        let tensor = checked_adapter_tensor(tensor, &name, role, format, &tensors_path)?;
         let entry = modules.entry(module).or_default();
         let slot = match role {
             Role::A => &mut entry.a,
