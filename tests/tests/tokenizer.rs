@@ -51,3 +51,65 @@ fn chat_template_renders_like_transformers() {
         .to_string();
     assert!(err.contains("unknown role robot"), "{err}");
 }
+
+/// The fixture tokenizer with `template` as its chat template, in a
+/// temporary directory.
+fn with_template(template: &str) -> (tempfile::TempDir, Tokenizer) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer/char-128");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        source.join("tokenizer.json"),
+        tmp.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(source.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    config["chat_template"] = serde_json::Value::String(template.to_owned());
+    std::fs::write(
+        tmp.path().join("tokenizer_config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let tokenizer = Tokenizer::from_dir(tmp.path()).unwrap();
+    (tmp, tokenizer)
+}
+
+/// Hostile templates stop with an error naming the tokenizer folder within
+/// a few seconds instead of running forever or filling memory.
+#[test]
+fn runaway_chat_templates_stop_with_a_clear_error() {
+    let messages = vec![mlx_zoo::tokenizer::ChatMessage {
+        role: "user".into(),
+        content: "hi".into(),
+    }];
+    for (template, expected) in [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "instructions",
+        ),
+        (
+            "{% for i in range(1000) %}{{ 'x' * 100000000 }}{% endfor %}",
+            "exceeds 64 MiB",
+        ),
+        (
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "chat template",
+        ),
+    ] {
+        let (tmp, tokenizer) = with_template(template);
+        let started = std::time::Instant::now();
+        let err = tokenizer
+            .apply_chat_template(&messages, true)
+            .unwrap_err()
+            .to_string();
+        let seconds = started.elapsed().as_secs_f32();
+        assert!(err.contains(expected), "{template}: {err}");
+        assert!(
+            err.contains(&tmp.path().display().to_string()),
+            "{template}: the error names the folder: {err}"
+        );
+        assert!(seconds < 5.0, "{template}: took {seconds} s");
+    }
+}

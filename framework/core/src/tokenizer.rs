@@ -144,6 +144,11 @@ impl Tokenizer {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A hostile or broken template must not run away: instructions and
+        // output are bounded (a real template renders a long conversation
+        // in well under 1% of either).
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         env.add_function(
             "raise_exception",
             |message: String| -> std::result::Result<String, minijinja::Error> {
@@ -157,19 +162,74 @@ impl Tokenizer {
             Error::InvalidArgument(format!("{}: chat template: {e}", self.path.display()))
         };
         env.add_template("chat", template).map_err(bad)?;
-        env.get_template("chat")
-            .map_err(bad)?
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_text,
-                eos_token => self.eos_text,
-            })
-            .map_err(bad)
+        let mut out = CappedText::default();
+        let chat = env.get_template("chat").map_err(bad)?;
+        let rendered = chat
+            .render_captured_to(
+                minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos_text,
+                    eos_token => self.eos_text,
+                },
+                &mut out,
+            )
+            .map(drop);
+        if out.overflowed {
+            return Err(Error::InvalidArgument(format!(
+                "{}: chat template: the rendered prompt exceeds {} MiB",
+                self.path.display(),
+                TEMPLATE_OUTPUT_LIMIT >> 20
+            )));
+        }
+        rendered.map_err(|e| match e.kind() {
+            minijinja::ErrorKind::OutOfFuel => Error::InvalidArgument(format!(
+                "{}: chat template: stopped after {TEMPLATE_FUEL} instructions \
+                 (a loop that runs away?)",
+                self.path.display()
+            )),
+            _ => bad(e),
+        })?;
+        String::from_utf8(out.text).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "{}: chat template: rendered text is not UTF-8",
+                self.path.display()
+            ))
+        })
     }
 
     /// The end-of-sequence token ids.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos
+    }
+}
+
+/// Instructions a chat template may run (minijinja fuel): ChatML over a
+/// thousand messages takes about 60k.
+const TEMPLATE_FUEL: u64 = 10_000_000;
+/// Nesting of template calls and includes.
+const TEMPLATE_RECURSION: usize = 100;
+/// The largest rendered prompt, in bytes.
+const TEMPLATE_OUTPUT_LIMIT: usize = 64 << 20;
+
+/// A writer that stops accepting text past [`TEMPLATE_OUTPUT_LIMIT`].
+#[derive(Default)]
+struct CappedText {
+    text: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > TEMPLATE_OUTPUT_LIMIT {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered prompt too long"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
