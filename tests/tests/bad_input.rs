@@ -224,3 +224,55 @@ fn unsupported_dtype_names_the_tensor() {
         "{err}"
     );
 }
+
+/// Every top-level integer of each family's config.json set to 0, to 1 and
+/// to 2^40: loading returns (an error or a model) without panicking, in
+/// bounded time. A `"num_attention_heads": 0` divided by zero in qwen2
+/// before validation.
+#[test]
+fn extreme_config_numbers_never_panic() {
+    let registry = mlx_zoo::registry().unwrap();
+    for case in [
+        "llama-gqa",
+        "mistral-sliding",
+        "mixtral-moe",
+        "phi2",
+        "phi3-longrope",
+        "qwen2",
+        "qwen-v1",
+    ] {
+        let (_tmp, dir) = copy_fixture(case);
+        let original: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let keys: Vec<String> = original
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.is_u64())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            for value in [0u64, 1, 1 << 40] {
+                let mut config = original.clone();
+                config[&key] = value.into();
+                std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+                eprintln!("{case}: {key} = {value}");
+                let started = std::time::Instant::now();
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    loader::load(&registry, &dir, &LoadOptions::default()).map(drop)
+                }));
+                let seconds = started.elapsed().as_secs_f32();
+                match outcome {
+                    Err(_) => panic!("{case}: {key} = {value} panicked"),
+                    Ok(Err(e)) => {
+                        let message = e.to_string();
+                        assert!(!message.is_empty(), "{case}: {key} = {value}");
+                    }
+                    Ok(Ok(())) => {}
+                }
+                assert!(seconds < 10.0, "{case}: {key} = {value} took {seconds} s");
+            }
+        }
+    }
+}

@@ -9,6 +9,9 @@ fn silu() -> Activation {
     Activation::Silu
 }
 
+/// The most experts a mixture-of-experts config may declare (real models
+/// have up to a few hundred); more is a corrupt or hostile file.
+const MAX_EXPERTS: usize = 4096;
 /// A Mistral configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MistralConfig {
@@ -273,6 +276,15 @@ impl ModelConfig for MixtralConfig {
     fn validate(&self) -> Result<()> {
         self.dims().check(self.head_dim.is_some())?;
         check_window(self.sliding_window)?;
+        if self.num_local_experts == 0 || self.num_local_experts > MAX_EXPERTS {
+            return Err(Error::config(
+                "num_local_experts",
+                format!(
+                    "{} must be between 1 and {MAX_EXPERTS}",
+                    self.num_local_experts
+                ),
+            ));
+        }
         if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_local_experts {
             return Err(Error::config(
                 "num_experts_per_tok",

@@ -147,7 +147,7 @@ impl ModelConfig for Qwen2Config {
             num_layers: self.num_hidden_layers,
             num_heads: self.num_attention_heads,
             num_kv_heads: self.kv_heads(),
-            head_dim: self.hidden_size / self.num_attention_heads,
+            head_dim: self.hidden_size / self.num_attention_heads.max(1),
             intermediate_size: self.intermediate_size,
             max_position_embeddings: self.max_position_embeddings,
         }

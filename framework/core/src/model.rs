@@ -42,7 +42,8 @@ impl ModelDims {
     }
 
     /// The checks every decoder's config needs, each naming its config key:
-    /// sizes are positive, key/value heads divide query heads, heads divide
+    /// sizes are positive and below generous limits, key/value heads divide
+    /// query heads, heads divide
     /// the width (unless `head_dim` was given explicitly) and the head is
     /// even (rotary embeddings rotate pairs).
     pub fn check(&self, explicit_head_dim: bool) -> Result<()> {
@@ -57,6 +58,30 @@ impl ModelDims {
         ] {
             if value == 0 {
                 return Err(Error::config(key, "must be positive"));
+            }
+        }
+        // Far past any real model, and small enough that products of them
+        // (weight sizes, parameter counts) cannot overflow: a config from a
+        // hostile or corrupt file must not make the loader allocate for it.
+        for (key, value, limit) in [
+            ("vocab_size", self.vocab_size, 1usize << 24),
+            ("hidden_size", self.hidden_size, 1 << 18),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_layers, 1 << 12),
+            ("num_attention_heads", self.num_heads, 1 << 12),
+            ("num_key_value_heads", self.num_kv_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 30,
+            ),
+        ] {
+            if value > limit {
+                return Err(Error::config(
+                    key,
+                    format!("{value} is implausibly large (at most {limit})"),
+                ));
             }
         }
         if !explicit_head_dim && self.hidden_size % self.num_heads != 0 {
