@@ -315,14 +315,13 @@ impl Checkpoint {
                 )));
             }
         }
-        let mut pickle = Vec::new();
-        std::io::Read::read_to_end(
+        let pickle = read_entry(
             &mut archive
                 .by_name(&pickle_name)
                 .map_err(|e| bad(e.to_string()))?,
-            &mut pickle,
+            map.len(),
         )
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|m| bad(format!("{pickle_name}: {m}")))?;
         let tensors = crate::pickle::read_state_dict(&pickle, &path.display().to_string())?;
         let shard = self.shards.len();
         let mut locations = Vec::new();
@@ -342,25 +341,42 @@ impl Checkpoint {
                     tensor.dtype
                 ))
             })?;
-            let mut expected = 1;
+            let expected = element_count(&tensor.shape).ok_or_else(|| {
+                bad(format!(
+                    "tensor {name}: shape {:?} is too large (a dimension past 2^31 or an element count that overflows)",
+                    tensor.shape
+                ))
+            })?;
             let mut contiguous = vec![0; tensor.shape.len()];
+            let mut step = 1usize;
             for i in (0..tensor.shape.len()).rev() {
-                contiguous[i] = expected;
-                expected *= tensor.shape[i];
+                contiguous[i] = step;
+                step = step.saturating_mul(tensor.shape[i]);
             }
-            if tensor.shape.iter().product::<usize>() > 1 && contiguous != tensor.stride {
+            if expected > 1 && contiguous != tensor.stride {
                 return Err(bad(format!(
                     "tensor {name} is a non-contiguous view (stride {:?}); save it with .contiguous()",
                     tensor.stride
                 )));
             }
-            let start = entry.data_start() as usize + tensor.offset * item;
-            let end = start + expected * item;
-            if end > entry.data_start() as usize + entry.size() as usize {
-                return Err(bad(format!(
-                    "tensor {name} runs past its storage {entry_name}"
-                )));
-            }
+            let storage_start = usize::try_from(entry.data_start()).ok();
+            let storage_end = storage_start
+                .zip(usize::try_from(entry.size()).ok())
+                .and_then(|(start, size)| start.checked_add(size));
+            let span = storage_start.and_then(|base| {
+                let start = base.checked_add(tensor.offset.checked_mul(item)?)?;
+                Some((start, start.checked_add(expected.checked_mul(item)?)?))
+            });
+            let (start, end) = match (span, storage_end) {
+                (Some((start, end)), Some(limit)) if end <= limit && end <= map.len() => {
+                    (start, end)
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "tensor {name} runs past its storage {entry_name}"
+                    )))
+                }
+            };
             locations.push((
                 name,
                 Location {
@@ -402,14 +418,16 @@ impl Checkpoint {
             let Some(name) = entry.name().strip_suffix(".npy").map(str::to_owned) else {
                 continue;
             };
-            let mut data = Vec::with_capacity(entry.size() as usize);
-            std::io::Read::read_to_end(&mut entry, &mut data)
-                .map_err(|e| bad(format!("{name}: {e}")))?;
+            let data =
+                read_entry(&mut entry, bytes.len()).map_err(|m| bad(format!("{name}.npy: {m}")))?;
             let (header_len, dtype, shape) = crate::export::parse_npy_header(&data)
                 .map_err(|m| bad(format!("{name}.npy: {m}")))?;
-            let count: usize = shape.iter().product();
             let item = crate::export::dtype_size(&dtype).unwrap_or(1);
-            if header_len + count * item > data.len() {
+            let end = element_count(&shape)
+                .and_then(|count| count.checked_mul(item))
+                .and_then(|size| size.checked_add(header_len))
+                .ok_or_else(|| bad(format!("{name}.npy: shape {shape:?} is too large")))?;
+            if end > data.len() {
                 return Err(bad(format!("{name}.npy is truncated")));
             }
             let shard = self.shards.len();
@@ -420,7 +438,7 @@ impl Checkpoint {
             let location = Location {
                 shard,
                 start: header_len,
-                end: header_len + count * item,
+                end,
                 meta: TensorMeta {
                     shape: shape.iter().map(|&d| d as i64).collect(),
                     dtype,
@@ -502,11 +520,77 @@ impl Checkpoint {
                 expected: accepted.join(", "),
             });
         }
-        let bytes = &shard.map[location.start..location.end];
-        let shape: Vec<i32> = location.meta.shape.iter().map(|&d| d as i32).collect();
+        let bytes = shard.map.get(location.start..location.end);
+        let shape: Option<Vec<i32>> = location
+            .meta
+            .shape
+            .iter()
+            .map(|&d| i32::try_from(d).ok())
+            .collect();
+        let wanted = shape.as_ref().and_then(|shape| {
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            element_count(&dims)?.checked_mul(crate::export::dtype_size(stored)?)
+        });
+        let (Some(bytes), Some(shape)) = (bytes, shape) else {
+            return Err(Error::Mapping(format!(
+                "{}: tensor {name} (shape {:?}) lies outside the file",
+                shard.path.display(),
+                location.meta.shape
+            )));
+        };
+        if wanted != Some(bytes.len()) {
+            return Err(Error::Mapping(format!(
+                "{}: tensor {name} has {} bytes for shape {:?} of {stored}",
+                shard.path.display(),
+                bytes.len(),
+                location.meta.shape
+            )));
+        }
         // Safety: `bytes` holds exactly product(shape) elements of `dtype`
-        // (checked by safetensors when the file was opened), and MLX copies
-        // them before this borrow ends.
+        // (verified just above), and MLX copies them before this borrow
+        // ends.
         Ok(unsafe { Array::from_raw_data(bytes.as_ptr().cast(), &shape, dtype) })
     }
+}
+
+/// The number of elements of `shape`, when every dimension fits MLX's
+/// 32-bit dimensions and the product does not overflow.
+fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |count, &d| {
+        if d > i32::MAX as usize {
+            None
+        } else {
+            count.checked_mul(d)
+        }
+    })
+}
+
+/// Reads a zip entry whole, trusting neither its declared size (zip64
+/// sizes of 2^62 were pre-allocated) nor its compression (a deflate bomb):
+/// at most the declared size is read, and never more than deflate's
+/// largest ratio (1032:1) allows for an archive of `archive_len` bytes.
+fn read_entry(
+    entry: &mut zip::read::ZipFile<'_, impl std::io::Read>,
+    archive_len: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let declared = usize::try_from(entry.size()).unwrap_or(usize::MAX);
+    let limit = archive_len.saturating_mul(1032).saturating_add(1 << 20);
+    if declared > limit {
+        return Err(format!(
+            "declares {declared} bytes, more than an archive of {archive_len} bytes can hold"
+        ));
+    }
+    let mut data = Vec::with_capacity(declared.min(archive_len));
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(entry, declared as u64 + 1),
+        &mut data,
+    )
+    .map_err(|e| e.to_string())?;
+    if data.len() != declared {
+        return Err(format!(
+            "holds {} bytes where the archive declares {declared}",
+            data.len()
+        ));
+    }
+    Ok(data)
 }

@@ -7,6 +7,12 @@
 
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
+use std::rc::Rc;
+
+/// The deepest nesting of tuples, lists and dicts a state dict may use (a
+/// real one nests about five deep). Deeper values are refused as they are
+/// built: a million nested tuples overflowed the stack when dropped.
+const MAX_DEPTH: usize = 256;
 
 /// A tensor described by a pickle: which storage, where, and its layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,19 +29,96 @@ pub struct PickledTensor {
     pub stride: Vec<usize>,
 }
 
+/// A pickled value. Containers are shared (`Rc`): the memo and the stack
+/// hold references, not copies, so a pickle that appends a list to itself
+/// over and over grows linearly rather than exponentially. Each container
+/// knows its nesting depth.
 #[derive(Debug, Clone)]
 enum Value {
     None,
     Other,
     Int(i64),
-    Str(String),
-    Tuple(Vec<Value>),
-    List(Vec<Value>),
-    Dict(Vec<(Value, Value)>),
+    Str(Rc<str>),
+    Tuple(Seq<Value>),
+    List(Seq<Value>),
+    Dict(Seq<(Value, Value)>),
     Global(String, String),
     Storage { key: String, dtype: String },
     Tensor(PickledTensor),
     Mark,
+}
+
+/// Shared container items with their nesting depth.
+#[derive(Debug, Clone)]
+struct Seq<T> {
+    items: Rc<Vec<T>>,
+    depth: usize,
+}
+
+impl Value {
+    /// How deeply containers nest inside this value (0 for a scalar).
+    fn depth(&self) -> usize {
+        match self {
+            Value::Tuple(s) | Value::List(s) => s.depth,
+            Value::Dict(d) => d.depth,
+            _ => 0,
+        }
+    }
+}
+
+impl<T> Seq<T> {
+    fn empty() -> Self {
+        Self {
+            items: Rc::new(Vec::new()),
+            depth: 1,
+        }
+    }
+}
+
+impl Seq<Value> {
+    /// A container of `items`, refused past [`MAX_DEPTH`].
+    fn of(items: Vec<Value>, r: &Reader) -> Result<Self> {
+        let depth = 1 + items.iter().map(Value::depth).max().unwrap_or(0);
+        check_depth(depth, r)?;
+        Ok(Self {
+            items: Rc::new(items),
+            depth,
+        })
+    }
+
+    /// Appends `values` in place (copying the item list only when the
+    /// memo or another container shares it).
+    fn extend(&mut self, values: Vec<Value>, r: &Reader) -> Result<()> {
+        let depth = values.iter().map(|v| 1 + v.depth()).max().unwrap_or(0);
+        self.depth = self.depth.max(depth);
+        check_depth(self.depth, r)?;
+        Rc::make_mut(&mut self.items).extend(values);
+        Ok(())
+    }
+}
+
+impl Seq<(Value, Value)> {
+    /// Adds key/value pairs in place.
+    fn extend(&mut self, pairs: Vec<(Value, Value)>, r: &Reader) -> Result<()> {
+        let depth = pairs
+            .iter()
+            .map(|(k, v)| 1 + k.depth().max(v.depth()))
+            .max()
+            .unwrap_or(0);
+        self.depth = self.depth.max(depth);
+        check_depth(self.depth, r)?;
+        Rc::make_mut(&mut self.items).extend(pairs);
+        Ok(())
+    }
+}
+
+fn check_depth(depth: usize, r: &Reader) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(r.err(format!(
+            "values nest more than {MAX_DEPTH} deep; a state dict nests a few levels"
+        )));
+    }
+    Ok(())
 }
 
 fn storage_dtype(name: &str) -> Option<&'static str> {
@@ -128,6 +211,7 @@ fn pop_mark(stack: &mut Vec<Value>) -> Option<Vec<Value>> {
 fn as_usize_list(value: &Value) -> Option<Vec<usize>> {
     match value {
         Value::Tuple(items) | Value::List(items) => items
+            .items
             .iter()
             .map(|v| match v {
                 Value::Int(i) if *i >= 0 => Some(*i as usize),
@@ -154,9 +238,9 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
             0x95 => {
                 r.bytes(8)?;
             } // FRAME
-            b'}' => stack.push(Value::Dict(Vec::new())),
-            b')' => stack.push(Value::Tuple(Vec::new())),
-            b']' => stack.push(Value::List(Vec::new())),
+            b'}' => stack.push(Value::Dict(Seq::empty())),
+            b')' => stack.push(Value::Tuple(Seq::empty())),
+            b']' => stack.push(Value::List(Seq::empty())),
             b'(' => stack.push(Value::Mark),
             b'N' => stack.push(Value::None),
             0x88 => stack.push(Value::Other),
@@ -198,12 +282,12 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
             b'X' => {
                 let n = r.u32()? as usize;
                 let s = r.string(n)?;
-                stack.push(Value::Str(s));
+                stack.push(Value::Str(s.into()));
             }
             0x8c => {
                 let n = r.u8()? as usize;
                 let s = r.string(n)?;
-                stack.push(Value::Str(s));
+                stack.push(Value::Str(s.into()));
             }
             b'q' => {
                 let i = r.u8()? as u32;
@@ -268,11 +352,11 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
                         "refusing global {module}.{name}: only tensors, storages and OrderedDict are read"
                     )));
                 }
-                stack.push(Value::Global(module, name));
+                stack.push(Value::Global(module.to_string(), name.to_string()));
             }
             b't' => {
                 let items = pop_mark(&mut stack).ok_or_else(|| r.err("TUPLE without MARK"))?;
-                stack.push(Value::Tuple(items));
+                stack.push(Value::Tuple(Seq::of(items, &r)?));
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
@@ -280,7 +364,7 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
                     return Err(r.err("stack underflow"));
                 }
                 let items = stack.split_off(stack.len() - n);
-                stack.push(Value::Tuple(items));
+                stack.push(Value::Tuple(Seq::of(items, &r)?));
             }
             b'Q' => {
                 // BINPERSID: ('storage', storage type, key, location, numel)
@@ -288,14 +372,14 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
                 let Value::Tuple(items) = pid else {
                     return Err(r.err("persistent id is not a tuple"));
                 };
-                match items.as_slice() {
+                match items.items.as_slice() {
                     [Value::Str(kind), Value::Global(_, storage), Value::Str(key), ..]
-                        if kind == "storage" =>
+                        if &**kind == "storage" =>
                     {
                         let dtype = storage_dtype(storage)
                             .ok_or_else(|| r.err(format!("unsupported storage type {storage}")))?;
                         stack.push(Value::Storage {
-                            key: key.clone(),
+                            key: key.to_string(),
                             dtype: dtype.to_owned(),
                         });
                     }
@@ -308,9 +392,10 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
                 let Value::Tuple(args) = args else {
                     return Err(r.err("REDUCE arguments are not a tuple"));
                 };
+                let args = args.items;
                 let value = match callable {
                     Value::Global(m, n) if m == "collections" && n == "OrderedDict" => {
-                        Value::Dict(Vec::new())
+                        Value::Dict(Seq::empty())
                     }
                     Value::Global(_, n) if n == "_rebuild_tensor_v2" => {
                         let (
@@ -330,17 +415,17 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
                         Value::Tensor(PickledTensor {
                             storage: key.clone(),
                             dtype: dtype.clone(),
-                            offset: *offset as usize,
+                            offset: usize::try_from(*offset).map_err(|_| {
+                                r.err(format!("tensor storage offset {offset} is negative"))
+                            })?,
                             shape: size,
                             stride,
                         })
                     }
-                    Value::Global(_, n) if n == "_rebuild_parameter" => {
-                        match args.into_iter().next() {
-                            Some(t @ Value::Tensor(_)) => t,
-                            _ => return Err(r.err("unexpected _rebuild_parameter arguments")),
-                        }
-                    }
+                    Value::Global(_, n) if n == "_rebuild_parameter" => match args.first() {
+                        Some(t @ Value::Tensor(_)) => t.clone(),
+                        _ => return Err(r.err("unexpected _rebuild_parameter arguments")),
+                    },
                     other => return Err(r.err(format!("cannot call {other:?}"))),
                 };
                 stack.push(value);
@@ -353,7 +438,7 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
                 let value = pop(&mut stack, &r)?;
                 let key = pop(&mut stack, &r)?;
                 match stack.last_mut() {
-                    Some(Value::Dict(items)) => items.push((key, value)),
+                    Some(Value::Dict(items)) => items.extend(vec![(key, value)], &r)?,
                     _ => return Err(r.err("SETITEM on a non-dict")),
                 }
             }
@@ -362,22 +447,24 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
                 let Some(Value::Dict(dict)) = stack.last_mut() else {
                     return Err(r.err("SETITEMS on a non-dict"));
                 };
+                let mut pairs = Vec::with_capacity(items.len() / 2);
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    dict.push((k, v));
+                    pairs.push((k, v));
                 }
+                dict.extend(pairs, &r)?;
             }
             b'a' => {
                 let value = pop(&mut stack, &r)?;
                 match stack.last_mut() {
-                    Some(Value::List(items)) => items.push(value),
+                    Some(Value::List(items)) => items.extend(vec![value], &r)?,
                     _ => return Err(r.err("APPEND on a non-list")),
                 }
             }
             b'e' => {
                 let items = pop_mark(&mut stack).ok_or_else(|| r.err("APPENDS without MARK"))?;
                 match stack.last_mut() {
-                    Some(Value::List(list)) => list.extend(items),
+                    Some(Value::List(list)) => list.extend(items, &r)?,
                     _ => return Err(r.err("APPENDS on a non-list")),
                 }
             }
@@ -389,11 +476,72 @@ pub fn read_state_dict(data: &[u8], file: &str) -> Result<BTreeMap<String, Pickl
         return Err(r.err("the pickle is not a dict of tensors"));
     };
     let mut tensors = BTreeMap::new();
-    for (key, value) in items {
+    for (key, value) in items.items.iter() {
         let (Value::Str(name), Value::Tensor(tensor)) = (key, value) else {
             continue;
         };
-        tensors.insert(name, tensor);
+        tensors.insert(name.to_string(), tensor.clone());
     }
     Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(pickle: &[u8]) -> String {
+        match read_state_dict(pickle, "test.pkl") {
+            Ok(_) => panic!("a hostile pickle was read"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// `N` and a million TUPLE1s: a million nested tuples overflowed the
+    /// stack (the process aborted); now refused past the depth limit.
+    #[test]
+    fn deep_nesting_is_refused() {
+        let mut pickle = vec![b'N'];
+        pickle.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+        pickle.push(b'.');
+        let err = error_of(&pickle);
+        assert!(err.contains("nest more than 256"), "{err}");
+    }
+
+    /// A list extended with two copies of itself, 40 times: deep copies of
+    /// the memo grew it as 3^40; shared containers keep it linear.
+    #[test]
+    fn self_referencing_memo_stays_small() {
+        let mut pickle = vec![b']', b'q', 0];
+        for _ in 0..40 {
+            pickle.extend_from_slice(&[b'h', 0, b'(', b'h', 0, b'h', 0, b'e', b'q', 0]);
+        }
+        pickle.push(b'.');
+        let started = std::time::Instant::now();
+        let err = error_of(&pickle);
+        assert!(err.contains("not a dict of tensors"), "{err}");
+        assert!(started.elapsed().as_secs_f32() < 1.0);
+    }
+
+    /// A `_rebuild_tensor_v2` with a storage offset of -1 is refused (it
+    /// became a huge unsigned offset).
+    #[test]
+    fn a_negative_storage_offset_is_refused() {
+        let mut pickle = vec![b'}'];
+        // key
+        pickle.extend_from_slice(&[0x8c, 1, b'w']);
+        // _rebuild_tensor_v2(storage, -1, (2,), (1,))
+        pickle.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        pickle.extend_from_slice(b"(");
+        pickle.extend_from_slice(&[0x8c, 7]);
+        pickle.extend_from_slice(b"storage");
+        pickle.extend_from_slice(b"ctorch\nFloatStorage\n");
+        pickle.extend_from_slice(&[0x8c, 1, b'0', 0x8c, 3]);
+        pickle.extend_from_slice(b"cpu");
+        pickle.extend_from_slice(&[b'K', 2, b't', b'Q']);
+        pickle.push(b'J');
+        pickle.extend_from_slice(&(-1i32).to_le_bytes());
+        pickle.extend_from_slice(&[b'K', 2, 0x85, b'K', 1, 0x85, b't', b'R', b's', b'.']);
+        let err = error_of(&pickle);
+        assert!(err.contains("offset -1 is negative"), "{err}");
+    }
 }
