@@ -287,6 +287,7 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         valid_fraction: 0.1,
     };
     let data = load_dataset(&args.data, &tokenizer, &data_options)?;
+    data.check_vocabulary(loaded.model.dims().vocab_size)?;
     if !quiet {
         eprintln!(
             "data: {} training and {} validation sequences, {} loss tokens per epoch{}",

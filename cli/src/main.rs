@@ -349,7 +349,41 @@ fn fetch_sources(command: &mut Command, quiet: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The last net under every bug: a panic prints what happened as an
+/// internal error with a request to report it, and exits with status 3
+/// (not the default 101, nor a backtrace dump meant for developers unless
+/// RUST_BACKTRACE asks for one).
+fn install_panic_report() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::env::var_os("RUST_BACKTRACE").is_some() {
+            default(info);
+        }
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        eprintln!(
+            "error: internal error (a bug in zoo {}): {message}{place}\n\
+             Please report it with the command you ran; RUST_BACKTRACE=1 shows where it happened.",
+            env!("CARGO_PKG_VERSION")
+        );
+        std::process::exit(3);
+    }));
+}
+
 fn main() -> ExitCode {
+    install_panic_report();
+    // Lets the tests see the report above without a real bug.
+    if std::env::var_os("ZOO_DEBUG_PANIC").is_some() {
+        panic!("ZOO_DEBUG_PANIC is set");
+    }
     let mut cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let device = cli

@@ -667,3 +667,23 @@ fn plan_predicts_the_measured_peak() {
         "checkpointing does not lower the peak: {peaks:?}"
     );
 }
+
+/// A panic (a bug) ends with status 3 and an "internal error" line asking
+/// for a report, not Rust's status 101 and raw panic message.
+#[test]
+fn a_panic_is_reported_as_an_internal_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .arg("archs")
+        .env("ZOO_DEBUG_PANIC", "1")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("running zoo");
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("internal error (a bug in zoo")
+            && stderr.contains("ZOO_DEBUG_PANIC is set")
+            && stderr.contains("Please report it"),
+        "{stderr}"
+    );
+}

@@ -276,3 +276,22 @@ fn extreme_config_numbers_never_panic() {
         }
     }
 }
+
+/// A quantization width that does not fit a byte (`"bits": 260` was read
+/// as 4) or that MLX has no kernel for is refused, naming the key.
+#[test]
+fn quantization_bits_out_of_range_are_named() {
+    for (bits, expected) in [(260, "260 bits is not a quantization width"), (7, "7 bits")] {
+        let (_tmp, dir) = copy_fixture("llama-gqa-q4");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        config["quantization"]["bits"] = bits.into();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let err = load_error(&dir);
+        assert!(
+            err.contains("quantization") && err.contains(expected),
+            "{bits}: {err}"
+        );
+    }
+}

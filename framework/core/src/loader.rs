@@ -377,9 +377,12 @@ impl Opened {
                 )));
             }
             let settings = QuantSettings {
-                bits: (words * 32 / input) as u8,
+                bits: u8::try_from(words * 32 / input).unwrap_or(u8::MAX),
                 group_size: input / groups,
             };
+            settings
+                .check()
+                .map_err(|e| Error::Mapping(format!("{path}: {e}")))?;
             layer
                 .quantized_placeholder(settings)
                 .map_err(|e| Error::Mapping(format!("{path}: {e}")))?;

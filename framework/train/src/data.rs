@@ -261,7 +261,56 @@ pub fn load_dataset(path: &Path, tokenizer: &Tokenizer, options: &DataOptions) -
     })
 }
 
+impl Dataset {
+    /// Checks every token id against the model's vocabulary: a tokenizer
+    /// with added tokens past the embedding table produced ids that MLX's
+    /// CPU gather read out of bounds.
+    pub fn check_vocabulary(&self, vocab_size: usize) -> Result<()> {
+        for (split, examples) in [("training", &self.train), ("validation", &self.valid)] {
+            for (index, example) in examples.iter().enumerate() {
+                if let Some(&id) = example.ids.iter().find(|&&id| id as usize >= vocab_size) {
+                    return Err(TrainError::NoData {
+                        path: self.source.clone(),
+                        reason: format!(
+                            "{split} example {} has token id {id}, past the model's vocabulary \
+                             of {vocab_size} (the tokenizer has tokens the embedding lacks: \
+                             use the model's own tokenizer, or resize the embedding)",
+                            index + 1
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Targets of `example` that count in the loss.
 pub fn loss_tokens(example: &Example) -> usize {
     example.ids.len().saturating_sub(example.loss_start.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_ids_past_the_vocabulary_are_named() {
+        let example = |ids: Vec<u32>| Example { ids, loss_start: 0 };
+        let data = Dataset {
+            train: vec![example(vec![1, 2, 3]), example(vec![4, 130, 5])],
+            valid: vec![],
+            truncated: 0,
+            train_loss_tokens: 4,
+            source: PathBuf::from("data.jsonl"),
+        };
+        assert!(data.check_vocabulary(131).is_ok());
+        let err = data.check_vocabulary(128).unwrap_err().to_string();
+        assert!(
+            err.contains("data.jsonl")
+                && err.contains("training example 2 has token id 130")
+                && err.contains("vocabulary of 128"),
+            "{err}"
+        );
+    }
 }

@@ -137,10 +137,22 @@ pub fn plan_from_config_block(block: &Value) -> Result<QuantPlan> {
             .map(|v| v as usize)
             .ok_or_else(|| Error::config(format!("quantization.{key}"), "expected a whole number"))
     };
+    let bits = |value: Option<&Value>, key: &str| -> Result<u8> {
+        let n = number(value, key)?;
+        u8::try_from(n).map_err(|_| {
+            Error::config(
+                format!("quantization.{key}"),
+                format!("{n} bits is not a quantization width (2 to 8)"),
+            )
+        })
+    };
     let default = QuantSettings {
-        bits: number(object.get("bits"), "bits")? as u8,
+        bits: bits(object.get("bits"), "bits")?,
         group_size: number(object.get("group_size"), "group_size")?,
     };
+    default
+        .check()
+        .map_err(|e| Error::config("quantization", e.to_string()))?;
     let mut rules = Vec::new();
     for (path, entry) in object {
         match entry {
@@ -152,7 +164,7 @@ pub fn plan_from_config_block(block: &Value) -> Result<QuantPlan> {
             }),
             Value::Object(settings) => rules.push(super::plan::PlanRule {
                 pattern: path.clone(),
-                bits: Some(number(settings.get("bits"), &format!("{path}.bits"))? as u8),
+                bits: Some(bits(settings.get("bits"), &format!("{path}.bits"))?),
                 group_size: Some(number(
                     settings.get("group_size"),
                     &format!("{path}.group_size"),
