@@ -152,9 +152,50 @@ struct Progress {
 }
 
 impl Progress {
+    /// Appends one line in a single write and flushes it to the disk, so a
+    /// crash leaves whole lines (and at most a torn last one, which
+    /// [`trim_metrics`] cuts on resume).
     fn log(&mut self, value: serde_json::Value) {
-        let _ = writeln!(self.metrics, "{value}");
+        let line = format!("{value}\n");
+        if let Err(e) = self
+            .metrics
+            .write_all(line.as_bytes())
+            .and_then(|()| self.metrics.sync_data())
+        {
+            tracing::warn!("cannot append to metrics.jsonl: {e}");
+        }
     }
+}
+
+/// Before a resumed run appends to `path`: keeps the complete lines of
+/// steps up to `step` (the checkpoint's) and drops a torn last line and the
+/// lines of steps the resumed run will repeat, rewriting the file through a
+/// temporary file renamed into place.
+fn trim_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .split_inclusive('\n')
+        .filter(|line| line.ends_with('\n'))
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step")?.as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    if kept.concat() == text {
+        return Ok(());
+    }
+    let temp = path.with_extension("jsonl.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(kept.concat().as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    };
+    write().with_context(|| format!("trimming {} to step {step}", path.display()))
 }
 
 impl TrainHooks for Progress {
@@ -358,6 +399,9 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         });
     }
     let metrics_path = args.out.join("metrics.jsonl");
+    if args.resume.is_some() {
+        trim_metrics(&metrics_path, trainer.step())?;
+    }
     let metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -524,4 +568,29 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     println!("  activations  {}", mib(estimate.activations));
     println!("  total        {}  (expected peak)", mib(estimate.total));
     Ok(())
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::trim_metrics;
+
+    /// A resumed run keeps the whole lines up to its checkpoint's step and
+    /// cuts a torn tail and the steps it will repeat.
+    #[test]
+    fn resuming_trims_torn_and_repeated_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::fs::write(
+            &path,
+            "{\"step\":1,\"loss\":3.0}\n{\"step\":2,\"loss\":2.5}\n{\"step\":2,\"checkpoint\":\"c\"}\n\
+             {\"step\":3,\"loss\":2.0}\n{\"step\":4,\"lo",
+        )
+        .unwrap();
+        trim_metrics(&path, 2).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"step\":1,\"loss\":3.0}\n{\"step\":2,\"loss\":2.5}\n{\"step\":2,\"checkpoint\":\"c\"}\n"
+        );
+        trim_metrics(&dir.path().join("absent.jsonl"), 2).unwrap();
+    }
 }

@@ -511,10 +511,32 @@ impl Trainer {
             reason: e.to_string(),
         })?;
         std::fs::write(temp.join("trainer.json"), json).map_err(io(&temp))?;
-        if target.exists() {
-            std::fs::remove_dir_all(&target).map_err(io(&target))?;
+        // Durable before it is visible: every file, then the folder.
+        for name in [
+            "trainable.safetensors",
+            "optimizer.safetensors",
+            "trainer.json",
+            "",
+        ] {
+            let path = temp.join(name);
+            sync_path(&path).map_err(io(&path))?;
+        }
+        // A checkpoint of the same step is replaced without a moment with
+        // none: the old one moves aside, the new one takes its name, then
+        // the old one goes.
+        let aside = dir.join(format!(".step-{:06}.old", self.step));
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).map_err(io(&aside))?;
+        }
+        let replaced = target.exists();
+        if replaced {
+            std::fs::rename(&target, &aside).map_err(io(&target))?;
         }
         std::fs::rename(&temp, &target).map_err(io(&target))?;
+        sync_path(dir).map_err(io(dir))?;
+        if replaced {
+            std::fs::remove_dir_all(&aside).map_err(io(&aside))?;
+        }
         self.last_checkpoint = Some(target.clone());
         Ok(target)
     }
@@ -666,4 +688,9 @@ fn weigh(
         out.insert(key.clone(), value);
     }
     Ok(out)
+}
+
+/// Flushes a file or a folder (its entries) to the disk.
+fn sync_path(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
 }
