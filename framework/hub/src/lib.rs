@@ -240,7 +240,15 @@ impl Hub {
         } else {
             let reference = repo_dir.join("refs").join(id.revision());
             match std::fs::read_to_string(&reference) {
-                Ok(commit) => commit.trim().to_string(),
+                // A ref names the snapshot folder: anything but a commit
+                // hash (a planted `../..`) is not trusted.
+                Ok(commit) if repo_id::is_commit_hash(commit.trim()) => commit.trim().to_string(),
+                Ok(_) => {
+                    return Err(not_cached(vec![format!(
+                        "a valid ref ({} does not hold a commit hash)",
+                        reference.display()
+                    )]))
+                }
                 Err(_) => return Err(not_cached(vec!["every file (never downloaded)".into()])),
             }
         };

@@ -60,6 +60,9 @@ impl RepoId {
                 return Err(invalid("a name may not contain `--` or `..`"));
             }
         }
+        if let Some(revision) = &revision {
+            check_revision(revision).map_err(|reason| invalid(&reason))?;
+        }
         Ok(Self {
             repo: repo.to_string(),
             revision,
@@ -78,6 +81,31 @@ impl RepoId {
 }
 
 /// Whether `text` is a full git commit hash.
+/// A revision becomes a path under the cache (`refs/<revision>`), so only
+/// what a branch, tag or commit name needs is allowed: no `.`/`..`
+/// components, no empty ones, no leading `/`, no backslash, whitespace or
+/// control characters (`org/x@../../y` reached outside the cache).
+fn check_revision(revision: &str) -> Result<(), String> {
+    if revision.len() > 256 {
+        return Err("the revision is longer than 256 characters".into());
+    }
+    if let Some(c) = revision.chars().find(|c| {
+        c.is_control() || c.is_whitespace() || matches!(c, '\\' | ':' | '~' | '^' | '?' | '*' | '[')
+    }) {
+        return Err(format!(
+            "`{}` is not allowed in a revision",
+            c.escape_default()
+        ));
+    }
+    if revision
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err("a revision may not have empty, `.` or `..` parts around `/`".into());
+    }
+    Ok(())
+}
+
 pub(crate) fn is_commit_hash(text: &str) -> bool {
     text.len() == 40 && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -124,6 +152,10 @@ mod tests {
             ("a/b/c", "more than one `/`"),
             ("org/", "empty"),
             ("org/name@", "revision"),
+            ("org/x@../../y", "`..` parts"),
+            ("org/x@/etc", "empty"),
+            ("org/x@a\\b", "not allowed in a revision"),
+            ("org/x@refs/pr/../../z", "`..` parts"),
             ("org/na me", "` ` is not allowed"),
             ("org/-name", "start or end"),
             ("org/na--me", "`--`"),
