@@ -500,3 +500,51 @@ fn prequantized_layers_repack_exactly() {
         assert!(checked, "{format}: layer not found");
     }
 }
+
+/// Every packed tensor of a GPTQ and an AWQ checkpoint given a shape that
+/// does not fit (1-D, empty, a column count that is not a multiple of 8,
+/// too small): loading fails with the tensor's name instead of indexing
+/// past its data (the repacking indexed before checking).
+#[test]
+fn prequantized_tensors_of_the_wrong_shape_are_named() {
+    let registry = mlx_zoo::registry().unwrap();
+    for case in ["llama-gqa-gptq", "llama-gqa-awq"] {
+        let prefix = "model.layers.0.self_attn.q_proj";
+        for part in ["qweight", "qzeros", "scales"] {
+            for shape in [
+                vec![8usize],
+                vec![0, 8],
+                vec![2, 9],
+                vec![1, 1],
+                vec![16, 4],
+            ] {
+                let (_tmp, dir) = mlx_zoo_tests::copy_fixture(case);
+                let name = format!("{prefix}.{part}");
+                mlx_zoo_tests::rewrite_safetensors(&dir.join("model.safetensors"), |t| {
+                    let (dtype, _, data) = t.remove(&name).unwrap();
+                    let elements: usize = shape.iter().product();
+                    let size = match dtype {
+                        safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
+                        _ => 4,
+                    };
+                    let bytes = data.iter().copied().cycle().take(elements * size).collect();
+                    t.insert(name.clone(), (dtype, shape.clone(), bytes));
+                });
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    loader::load(&registry, &dir, &LoadOptions::default()).map(drop)
+                }));
+                match outcome {
+                    Err(_) => panic!("{case}: {part} of shape {shape:?} panicked"),
+                    Ok(Ok(())) => panic!("{case}: {part} of shape {shape:?} loaded"),
+                    Ok(Err(e)) => {
+                        let message = e.to_string();
+                        assert!(
+                            message.contains(prefix),
+                            "{case}: {part} {shape:?}: {message}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

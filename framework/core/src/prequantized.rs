@@ -131,13 +131,23 @@ fn int32s(checkpoint: &Checkpoint, name: &str) -> Result<(Vec<i32>, Vec<usize>)>
             array.dtype()
         )));
     }
-    Ok((array.as_slice::<i32>().to_vec(), shape))
+    let values = array
+        .try_as_slice::<i32>()
+        .ok()
+        .filter(|values| !values.is_empty())
+        .ok_or_else(|| Error::Mapping(format!("{name}: empty, shape {shape:?}")))?;
+    Ok((values.to_vec(), shape))
 }
 
 fn floats(checkpoint: &Checkpoint, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
     let array = checkpoint.load(name, Dtype::Float32)?;
     let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
-    Ok((array.as_slice::<f32>().to_vec(), shape))
+    let values = array
+        .try_as_slice::<f32>()
+        .ok()
+        .filter(|values| !values.is_empty())
+        .ok_or_else(|| Error::Mapping(format!("{name}: empty, shape {shape:?}")))?;
+    Ok((values.to_vec(), shape))
 }
 
 fn shape_error(prefix: &str, what: &str, expected: &[usize], found: &[usize]) -> Error {
@@ -164,10 +174,22 @@ fn repack_layer(checkpoint: &Checkpoint, prefix: &str, settings: Prequantized) -
         return Err(shape_error(prefix, "qweight", &[0, 0], &qshape));
     }
     let g = settings.group_size;
+    if g == 0 {
+        return Err(Error::Mapping(format!(
+            "{prefix}: a group size of 0 cannot be repacked"
+        )));
+    }
     let (input, out) = match settings.format {
-        PrequantizedFormat::Gptq { .. } => (qshape[0] * 8, qshape[1]),
-        PrequantizedFormat::Awq => (qshape[0], qshape[1] * 8),
+        PrequantizedFormat::Gptq { .. } => (qshape[0].saturating_mul(8), qshape[1]),
+        PrequantizedFormat::Awq => (qshape[0], qshape[1].saturating_mul(8)),
     };
+    // Eight 4-bit values share a packed word along both axes of the
+    // repacked layout.
+    if input == 0 || out == 0 || input % 8 != 0 || out % 8 != 0 {
+        return Err(Error::Mapping(format!(
+            "{prefix}.qweight: shape {qshape:?} gives {input} inputs and {out} outputs; both must be positive multiples of 8"
+        )));
+    }
     if input % g != 0 {
         return Err(Error::Mapping(format!(
             "{prefix}: {input} inputs do not divide into groups of {g}"
@@ -184,6 +206,12 @@ fn repack_layer(checkpoint: &Checkpoint, prefix: &str, settings: Prequantized) -
         let name = format!("{prefix}.g_idx");
         if checkpoint.tensors().contains_key(&name) {
             let (g_idx, _) = int32s(checkpoint, &name)?;
+            if g_idx.len() != input {
+                return Err(Error::Mapping(format!(
+                    "{name}: {} entries for {input} inputs",
+                    g_idx.len()
+                )));
+            }
             if g_idx
                 .iter()
                 .enumerate()
