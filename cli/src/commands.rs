@@ -2,6 +2,7 @@
 //! says what was being done; `main` prints it.
 
 use crate::npy;
+use crate::output::StagedOutput;
 use anyhow::{bail, Context, Result};
 use mlx_rs::Array;
 use mlx_zoo::loader::{self, ComputeDtype, LoadOptions};
@@ -231,11 +232,13 @@ pub struct ConvertArgs {
     pub q_recipe: Option<String>,
     pub dtype: Option<String>,
     pub max_shard_mib: u64,
+    pub force: bool,
 }
 
 /// `zoo convert`.
 pub fn convert(args: &ConvertArgs) -> Result<()> {
     use mlx_zoo::quantize::{QuantPlan, QuantSettings};
+    let staged = StagedOutput::begin(&args.out, args.force)?;
     let registry = registry()?;
     let plan = if let Some(path) = &args.q_plan {
         let text =
@@ -275,16 +278,17 @@ pub fn convert(args: &ConvertArgs) -> Result<()> {
         max_shard_bytes: args.max_shard_mib << 20,
         ..Default::default()
     };
-    let files = mlx_zoo::export::save_mlx_model(&loaded, &args.model, &args.out, &options)
+    let files = mlx_zoo::export::save_mlx_model(&loaded, &args.model, staged.path(), &options)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    if !loaded.quantization.quantized.is_empty() {
-        print_quantization(&loaded.quantization);
-    }
     let total: u64 = files
         .iter()
         .filter_map(|f| std::fs::metadata(f).ok())
         .map(|m| m.len())
         .sum();
+    staged.commit()?;
+    if !loaded.quantization.quantized.is_empty() {
+        print_quantization(&loaded.quantization);
+    }
     println!(
         "wrote {} files ({}) to {} in {:.1} s",
         files.len(),
@@ -410,20 +414,28 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 }
 
 /// `zoo convert-adapter`.
-pub fn convert_adapter(adapter: &Path, model: &Path, out: &Path, to: &str) -> Result<()> {
+pub fn convert_adapter(
+    adapter: &Path,
+    model: &Path,
+    out: &Path,
+    to: &str,
+    force: bool,
+) -> Result<()> {
     use mlx_zoo::lora::formats::{load_adapter, save_adapter, AdapterFormat};
     let format = match to {
         "peft" => AdapterFormat::Peft,
         "mlx-lm" | "mlx_lm" | "mlxlm" => AdapterFormat::MlxLm,
         other => bail!("unknown adapter format {other:?}: expected peft or mlx-lm"),
     };
+    let staged = StagedOutput::begin(out, force)?;
     let mut loaded = loader::load(&registry()?, model, &LoadOptions::default())
         .with_context(|| format!("loading {}", model.display()))?;
     let attached = load_adapter(&mut loaded, adapter)
         .with_context(|| format!("reading the adapter in {}", adapter.display()))?;
     let base = model.display().to_string();
-    let files = save_adapter(&mut loaded, out, format, &base)
+    let files = save_adapter(&mut loaded, staged.path(), format, &base)
         .with_context(|| format!("writing {}", out.display()))?;
+    staged.commit()?;
     println!(
         "wrote the {} adapter ({} layers) as {to} to {} ({} files)",
         attached.method,
@@ -442,7 +454,9 @@ pub fn fuse(
     dequantize: bool,
     hf: bool,
     dtype: Option<&str>,
+    force: bool,
 ) -> Result<()> {
+    let staged = StagedOutput::begin(out, force)?;
     let registry = registry()?;
     let mut loaded = loader::load(&registry, model, &LoadOptions::default())
         .with_context(|| format!("loading {}", model.display()))?;
@@ -489,8 +503,9 @@ pub fn fuse(
         metadata_format: if hf { "pt" } else { "mlx" },
         ..Default::default()
     };
-    let files = mlx_zoo::export::save_mlx_model(&loaded, model, out, &options)
+    let files = mlx_zoo::export::save_mlx_model(&loaded, model, staged.path(), &options)
         .with_context(|| format!("writing {}", out.display()))?;
+    staged.commit()?;
     println!("wrote {} files to {}", files.len(), out.display());
     Ok(())
 }

@@ -9,6 +9,7 @@ mod commands;
 mod demo_train;
 mod finetune;
 mod npy;
+mod output;
 mod sources;
 
 use clap::{Parser, Subcommand};
@@ -116,6 +117,10 @@ enum Command {
         /// Start a new shard above this many MiB.
         #[arg(long, default_value_t = 5120)]
         max_shard_mib: u64,
+        /// Replace a non-empty output directory (atomically: the old
+        /// output stays until the new one is complete).
+        #[arg(long)]
+        force: bool,
     },
     /// Merge an adapter (PEFT or mlx-lm) into MODEL and write the result.
     ///
@@ -145,6 +150,10 @@ enum Command {
         /// Store float tensors as f32, f16 or bf16.
         #[arg(long)]
         dtype: Option<String>,
+        /// Replace a non-empty output directory (atomically: the old
+        /// output stays until the new one is complete).
+        #[arg(long)]
+        force: bool,
     },
     /// Rewrite an adapter (PEFT or mlx-lm) in the other library's format,
     /// for the model it was trained on.
@@ -162,6 +171,10 @@ enum Command {
         /// Target format: peft or mlx-lm.
         #[arg(long)]
         to: String,
+        /// Replace a non-empty output directory (atomically: the old
+        /// output stays until the new one is complete).
+        #[arg(long)]
+        force: bool,
     },
     /// Generate tokens after a prompt of token ids, streaming them as they
     /// come, greedy by default.
@@ -380,6 +393,13 @@ fn install_panic_report() {
 
 fn main() -> ExitCode {
     install_panic_report();
+    // A file-size limit (`ulimit -f`) or a full quota then fails the write
+    // with an error the command reports, instead of killing the process.
+    #[cfg(unix)]
+    // SAFETY: ignoring a signal installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // Lets the tests see the report above without a real bug.
     if std::env::var_os("ZOO_DEBUG_PANIC").is_some() {
         panic!("ZOO_DEBUG_PANIC is set");
@@ -423,6 +443,7 @@ fn main() -> ExitCode {
             q_recipe,
             dtype,
             max_shard_mib,
+            force,
         } => commands::convert(&commands::ConvertArgs {
             model,
             out,
@@ -432,6 +453,7 @@ fn main() -> ExitCode {
             q_recipe,
             dtype,
             max_shard_mib,
+            force,
         }),
         Command::Generate {
             model,
@@ -486,7 +508,8 @@ fn main() -> ExitCode {
             model,
             out,
             to,
-        } => commands::convert_adapter(&adapter, &model, &out, &to),
+            force,
+        } => commands::convert_adapter(&adapter, &model, &out, &to, force),
         Command::Fuse {
             model,
             adapter,
@@ -494,7 +517,16 @@ fn main() -> ExitCode {
             dequantize,
             hf,
             dtype,
-        } => commands::fuse(&model, &adapter, &out, dequantize, hf, dtype.as_deref()),
+            force,
+        } => commands::fuse(
+            &model,
+            &adapter,
+            &out,
+            dequantize,
+            hf,
+            dtype.as_deref(),
+            force,
+        ),
         Command::Logits {
             model,
             tokens,

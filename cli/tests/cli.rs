@@ -687,3 +687,76 @@ fn a_panic_is_reported_as_an_internal_error() {
         "{stderr}"
     );
 }
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `convert` writes its output whole or not at all: a non-empty --out is
+/// refused without --force; --force replaces it leaving nothing of the old
+/// output (a sharded model's index and shards); a write that fails (a file
+/// size limit, as a full disk) leaves the previous output as it was and no
+/// staging folder behind.
+#[test]
+fn convert_output_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let model = fixture("llama-gqa");
+    let convert = |extra: &[&str]| {
+        let mut args = vec![
+            "-q",
+            "convert",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        zoo(&args)
+    };
+    stdout(&convert(&["--max-shard-mib", "0"]));
+    let sharded = files_in(&out);
+    assert!(
+        sharded.iter().any(|f| f == "model.safetensors.index.json"),
+        "{sharded:?}"
+    );
+
+    let refused = convert(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("is not empty; pass --force"), "{stderr}");
+    assert_eq!(files_in(&out), sharded);
+
+    stdout(&convert(&["--force"]));
+    let replaced = files_in(&out);
+    assert!(replaced.iter().any(|f| f == "model.safetensors"), "{replaced:?}");
+    assert!(
+        !replaced.iter().any(|f| f.contains("index") || f.contains("-of-")),
+        "stale shards survived: {replaced:?}"
+    );
+
+    // 64 KiB of file size allowed: the weights cannot be written.
+    let limited = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 64; exec '{}' -q convert '{}' --out '{}' --force --dtype f32",
+            env!("CARGO_BIN_EXE_zoo"),
+            model.display(),
+            out.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(limited.status.code(), Some(1), "{limited:?}");
+    let stderr = String::from_utf8_lossy(&limited.stderr);
+    assert!(stderr.contains("writing") || stderr.contains("too large"), "{stderr}");
+    assert_eq!(files_in(&out), replaced, "the previous output is intact");
+    assert_eq!(
+        files_in(dir.path()),
+        ["out"],
+        "no staging folder is left beside --out"
+    );
+}
