@@ -362,11 +362,14 @@ fn fetch_sources(command: &mut Command, quiet: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The last net under every bug: a panic prints what happened as an
-/// internal error with a request to report it, and exits with status 3
-/// (not the default 101, nor a backtrace dump meant for developers unless
-/// RUST_BACKTRACE asks for one).
-fn install_panic_report() {
+/// What the last panic said and where, kept by the hook for the report.
+static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Records each panic's message and place instead of printing Rust's raw
+/// report (unless RUST_BACKTRACE asks for it): a panic that a library
+/// catches (a malformed file inside the tokenizers crate) stays quiet, and
+/// one that reaches `main` is reported there as an internal error.
+fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if std::env::var_os("RUST_BACKTRACE").is_some() {
@@ -382,17 +385,14 @@ fn install_panic_report() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic".to_owned());
-        eprintln!(
-            "error: internal error (a bug in zoo {}): {message}{place}\n\
-             Please report it with the command you ran; RUST_BACKTRACE=1 shows where it happened.",
-            env!("CARGO_PKG_VERSION")
-        );
-        std::process::exit(3);
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some(format!("{message}{place}"));
+        }
     }));
 }
 
 fn main() -> ExitCode {
-    install_panic_report();
+    install_panic_hook();
     // A file-size limit (`ulimit -f`) or a full quota then fails the write
     // with an error the command reports, instead of killing the process.
     #[cfg(unix)]
@@ -400,11 +400,33 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    // Lets the tests see the report above without a real bug.
+    let cli = Cli::parse();
+    // The last net under every bug: a panic that reaches here is reported
+    // as an internal error with status 3 (not Rust's 101).
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(code) => code,
+        Err(_) => {
+            let what = LAST_PANIC
+                .lock()
+                .ok()
+                .and_then(|mut last| last.take())
+                .unwrap_or_else(|| "a panic".to_owned());
+            eprintln!(
+                "error: internal error (a bug in zoo {}): {what}\n\
+                 Please report it with the command you ran; RUST_BACKTRACE=1 shows where it happened.",
+                env!("CARGO_PKG_VERSION")
+            );
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// Runs the parsed command line.
+fn run(mut cli: Cli) -> ExitCode {
+    // Lets the tests see the internal-error report without a real bug.
     if std::env::var_os("ZOO_DEBUG_PANIC").is_some() {
         panic!("ZOO_DEBUG_PANIC is set");
     }
-    let mut cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let device = cli
         .device

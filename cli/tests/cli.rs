@@ -733,9 +733,14 @@ fn convert_output_is_all_or_nothing() {
 
     stdout(&convert(&["--force"]));
     let replaced = files_in(&out);
-    assert!(replaced.iter().any(|f| f == "model.safetensors"), "{replaced:?}");
     assert!(
-        !replaced.iter().any(|f| f.contains("index") || f.contains("-of-")),
+        replaced.iter().any(|f| f == "model.safetensors"),
+        "{replaced:?}"
+    );
+    assert!(
+        !replaced
+            .iter()
+            .any(|f| f.contains("index") || f.contains("-of-")),
         "stale shards survived: {replaced:?}"
     );
 
@@ -752,7 +757,10 @@ fn convert_output_is_all_or_nothing() {
         .unwrap();
     assert_eq!(limited.status.code(), Some(1), "{limited:?}");
     let stderr = String::from_utf8_lossy(&limited.stderr);
-    assert!(stderr.contains("writing") || stderr.contains("too large"), "{stderr}");
+    assert!(
+        stderr.contains("writing") || stderr.contains("too large"),
+        "{stderr}"
+    );
     assert_eq!(files_in(&out), replaced, "the previous output is intact");
     assert_eq!(
         files_in(dir.path()),

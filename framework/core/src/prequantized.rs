@@ -131,23 +131,27 @@ fn int32s(checkpoint: &Checkpoint, name: &str) -> Result<(Vec<i32>, Vec<usize>)>
             array.dtype()
         )));
     }
-    let values = array
-        .try_as_slice::<i32>()
-        .ok()
-        .filter(|values| !values.is_empty())
-        .ok_or_else(|| Error::Mapping(format!("{name}: empty, shape {shape:?}")))?;
-    Ok((values.to_vec(), shape))
+    Ok((values_of(&array, name, &shape)?, shape))
 }
 
 fn floats(checkpoint: &Checkpoint, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
     let array = checkpoint.load(name, Dtype::Float32)?;
     let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
-    let values = array
-        .try_as_slice::<f32>()
+    Ok((values_of(&array, name, &shape)?, shape))
+}
+
+/// The elements of a loaded tensor; an empty one is an error naming it.
+fn values_of<T: mlx_rs::ArrayElement + Clone>(
+    array: &Array,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<T>> {
+    array
+        .try_as_slice::<T>()
         .ok()
         .filter(|values| !values.is_empty())
-        .ok_or_else(|| Error::Mapping(format!("{name}: empty, shape {shape:?}")))?;
-    Ok((values.to_vec(), shape))
+        .map(<[T]>::to_vec)
+        .ok_or_else(|| Error::Mapping(format!("{name}: empty, shape {shape:?}")))
 }
 
 fn shape_error(prefix: &str, what: &str, expected: &[usize], found: &[usize]) -> Error {

@@ -58,10 +58,26 @@ impl Tokenizer {
                 dir.display()
             )));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Archive {
-            path: path.clone(),
-            message: format!("not a tokenizer this version reads: {e}"),
-        })?;
+        // The tokenizers crate panics on some malformed files (an `expect`
+        // in its decoder deserialisation, found by fuzzing): a panic there
+        // is a bad file, not a bug of ours.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(&path));
+        let inner = match parsed {
+            Ok(Ok(inner)) => inner,
+            Ok(Err(e)) => {
+                return Err(Error::Archive {
+                    path: path.clone(),
+                    message: format!("not a tokenizer this version reads: {e}"),
+                })
+            }
+            Err(_) => {
+                return Err(Error::Archive {
+                    path: path.clone(),
+                    message: "malformed tokenizer (the tokenizers library could not parse it)"
+                        .into(),
+                })
+            }
+        };
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = if config_path.is_file() {
             let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
