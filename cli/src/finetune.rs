@@ -167,10 +167,10 @@ impl Progress {
     }
 }
 
-/// Before a resumed run appends to `path`: keeps the complete lines of
-/// steps up to `step` (the checkpoint's) and drops a torn last line and the
-/// lines of steps the resumed run will repeat, rewriting the file through a
-/// temporary file renamed into place.
+/// Before a run appends to `path`: keeps the complete lines of steps up to
+/// `step` (a resumed checkpoint's; 0 for a fresh run) and drops a torn last
+/// line and the lines of steps the run will repeat, rewriting the file
+/// through a temporary file renamed into place.
 fn trim_metrics(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
@@ -399,9 +399,10 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         });
     }
     let metrics_path = args.out.join("metrics.jsonl");
-    if args.resume.is_some() {
-        trim_metrics(&metrics_path, trainer.step())?;
-    }
+    // A resumed run keeps the lines up to its checkpoint; a fresh one
+    // starts the file anew (lines of an earlier run in this folder would
+    // repeat its steps).
+    trim_metrics(&metrics_path, trainer.step())?;
     let metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -768,3 +768,128 @@ fn convert_output_is_all_or_nothing() {
         "no staging folder is left beside --out"
     );
 }
+
+/// `zoo finetune` killed with SIGKILL at 20 moments of a run (start-up,
+/// mid-step, while checkpoints and metrics lines are written) and resumed
+/// from its newest checkpoint repeats the uninterrupted run's losses
+/// exactly, each step once in metrics.jsonl, with no torn line; there is
+/// always a complete checkpoint to resume from once the first was written.
+#[test]
+fn finetune_killed_at_random_moments_resumes_to_the_same_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    let lines: Vec<String> = (0..24)
+        .map(|i| serde_json::json!({"prompt": format!("{}+{}=", i % 7, i % 5), "completion": format!("{}", i % 7 + i % 5)}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let model = fixture("llama-gqa");
+    let tokenizer = tokenizer_dir();
+    let command = |out: &Path, resume: Option<&Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_zoo"));
+        command.args([
+            "-q",
+            "finetune",
+            model.to_str().unwrap(),
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--iters",
+            "10",
+            "--lr",
+            "5e-3",
+            "--lora-rank",
+            "4",
+            "--batch-size",
+            "4",
+            "--save-every",
+            "1",
+            "--streams",
+            "1",
+        ]);
+        if let Some(checkpoint) = resume {
+            command.args(["--resume", checkpoint.to_str().unwrap()]);
+        }
+        command.env_remove("ZOO_LOG");
+        command
+    };
+    let straight = dir.path().join("straight");
+    let started = std::time::Instant::now();
+    let done = command(&straight, None).output().unwrap();
+    assert!(done.status.success(), "{done:?}");
+    let run_time = started.elapsed();
+    let expected = step_losses(&straight);
+    assert_eq!(expected.len(), 10);
+
+    let newest_checkpoint = |out: &Path| -> Option<PathBuf> {
+        let mut steps: Vec<PathBuf> = std::fs::read_dir(out.join("checkpoints"))
+            .ok()?
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+            })
+            .collect();
+        steps.sort();
+        steps.pop()
+    };
+    let mut resumed_from_checkpoint = 0;
+    for round in 0..20u32 {
+        let out = dir.path().join(format!("killed-{round}"));
+        // The first rounds die during start-up and the first step; the
+        // others once metrics.jsonl holds 1 to 10 lines, a few
+        // milliseconds later (mid-step, or while a checkpoint or a line is
+        // written), whatever the machine's speed.
+        let mut child = command(&out, None).spawn().unwrap();
+        let delay = if round < 4 {
+            run_time.mul_f64(f64::from(round) / 40.0)
+        } else {
+            let lines = ((round - 4) % 10 + 1) as usize;
+            let waited = std::time::Instant::now();
+            while std::fs::read_to_string(out.join("metrics.jsonl"))
+                .map_or(0, |t| t.lines().count())
+                < lines
+                && waited.elapsed() < std::time::Duration::from_secs(60)
+                && child.try_wait().unwrap().is_none()
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            std::time::Duration::from_millis(u64::from(round % 4))
+        };
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let _ = child.wait();
+        let checkpoint = newest_checkpoint(&out);
+        resumed_from_checkpoint += usize::from(checkpoint.is_some());
+        if let Some(checkpoint) = &checkpoint {
+            for file in [
+                "trainable.safetensors",
+                "optimizer.safetensors",
+                "trainer.json",
+            ] {
+                assert!(
+                    checkpoint.join(file).is_file(),
+                    "round {round}: {} lacks {file}",
+                    checkpoint.display()
+                );
+            }
+        }
+        let resumed = command(&out, checkpoint.as_deref()).output().unwrap();
+        assert!(resumed.status.success(), "round {round}: {resumed:?}");
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert!(text.ends_with('\n'), "round {round}: torn last line");
+        assert_eq!(
+            step_losses(&out),
+            expected,
+            "round {round} (killed after {delay:?}, resumed from {checkpoint:?})"
+        );
+    }
+    // The moments cover both sides of the first checkpoint.
+    eprintln!("{resumed_from_checkpoint} of 20 rounds resumed from a checkpoint");
+    assert!(
+        resumed_from_checkpoint >= 10,
+        "{resumed_from_checkpoint} of 20 rounds resumed from a checkpoint"
+    );
+}
