@@ -463,6 +463,39 @@ fn tokenizer_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer/char-128")
 }
 
+/// Writes the small sums data set the fine-tuning tests train on.
+fn write_sums(path: &Path) {
+    let lines: Vec<String> = (0..24)
+        .map(|i| serde_json::json!({"prompt": format!("{}+{}=", i % 7, i % 5), "completion": format!("{}", i % 7 + i % 5)}).to_string())
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+/// `zoo -q finetune` on the llama fixture with the fixture tokenizer,
+/// `data` into `out`, at the settings the fine-tuning tests share.
+fn finetune_args(data: &Path, out: &Path) -> Vec<String> {
+    let (model, tokenizer) = (fixture("llama-gqa"), tokenizer_dir());
+    [
+        "-q",
+        "finetune",
+        model.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--lr",
+        "5e-3",
+        "--lora-rank",
+        "4",
+        "--batch-size",
+        "4",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Losses per step from a run's metrics.jsonl.
 fn step_losses(out: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -478,37 +511,13 @@ fn step_losses(out: &Path) -> Vec<(u64, f64)> {
 fn finetune_trains_resumes_and_writes_adapters_in_both_formats() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data.jsonl");
-    let lines: Vec<String> = (0..24)
-        .map(|i| serde_json::json!({"prompt": format!("{}+{}=", i % 7, i % 5), "completion": format!("{}", i % 7 + i % 5)}).to_string())
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
+    write_sums(&data);
     let model = fixture("llama-gqa");
-    let tokenizer = tokenizer_dir();
     let run = |out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "-q",
-            "finetune",
-            model.to_str().unwrap(),
-            "--tokenizer",
-            tokenizer.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--iters",
-            "6",
-            "--lr",
-            "5e-3",
-            "--lora-rank",
-            "4",
-            "--batch-size",
-            "4",
-            "--mask-prompt",
-            "--save-every",
-            "3",
-        ];
-        args.extend_from_slice(extra);
-        zoo(&args)
+        let mut args = finetune_args(&data, out);
+        args.extend(["--iters", "6", "--mask-prompt", "--save-every", "3"].map(String::from));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        zoo(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let straight = dir.path().join("straight");
     let out = stdout(&run(&straight, &[]));
@@ -778,32 +787,12 @@ fn convert_output_is_all_or_nothing() {
 fn finetune_killed_at_random_moments_resumes_to_the_same_losses() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data.jsonl");
-    let lines: Vec<String> = (0..24)
-        .map(|i| serde_json::json!({"prompt": format!("{}+{}=", i % 7, i % 5), "completion": format!("{}", i % 7 + i % 5)}).to_string())
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let model = fixture("llama-gqa");
-    let tokenizer = tokenizer_dir();
+    write_sums(&data);
     let command = |out: &Path, resume: Option<&Path>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_zoo"));
-        command.args([
-            "-q",
-            "finetune",
-            model.to_str().unwrap(),
-            "--tokenizer",
-            tokenizer.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
+        command.args(finetune_args(&data, out)).args([
             "--iters",
             "10",
-            "--lr",
-            "5e-3",
-            "--lora-rank",
-            "4",
-            "--batch-size",
-            "4",
             "--save-every",
             "1",
             "--streams",
