@@ -71,3 +71,37 @@ fn float32_checkpoint_computes_in_bfloat16() {
         "bfloat16 compute should not be bit-exact float32"
     );
 }
+
+/// Adapters keep float32 factors (master weights) but add their update in
+/// the layer's dtype: a bfloat16 model with LoRA or DoRA attached still
+/// computes in bfloat16 (a float32 update would promote the residual
+/// stream, and with it every later matmul, to float32).
+#[test]
+fn adapters_on_a_bfloat16_model_keep_it_bfloat16() {
+    use mlx_zoo::adapter::{AdapterSettings, AdapterTargets};
+    let registry = mlx_zoo::registry().unwrap();
+    let reference = reference("llama-gqa");
+    for method in ["lora", "dora"] {
+        let options = LoadOptions {
+            dtype: ComputeDtype::Bfloat16,
+            ..Default::default()
+        };
+        let mut loaded = loader::load(&registry, &fixture("llama-gqa"), &options).unwrap();
+        let settings = AdapterSettings {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            rslora: false,
+        };
+        let targets = AdapterTargets {
+            modules: vec!["q_proj".into(), "down_proj".into()],
+            ..Default::default()
+        };
+        let layers = loaded
+            .apply_adapter(&registry, method, settings, &targets)
+            .unwrap();
+        assert!(!layers.is_empty());
+        let out = loaded.model.forward(&reference.input_ids, None).unwrap();
+        assert_eq!(out.dtype(), Dtype::Bfloat16, "{method}");
+    }
+}

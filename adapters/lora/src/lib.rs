@@ -73,7 +73,12 @@ fn low_rank_update(
     let scale = Array::from_f32(settings.scale())
         .as_dtype(z.dtype())
         .context(ctx)?;
-    z.multiply(&scale).context(ctx)
+    // The factors stay float32 (master weights) while the update joins the
+    // input's dtype, as PEFT and mlx-lm do: a float32 update added to a
+    // bfloat16 layer would turn the whole residual stream float32.
+    z.multiply(&scale)
+        .and_then(|z| z.as_dtype(x.dtype()))
+        .context(ctx)
 }
 
 /// `W + s (A B)^T`.
@@ -151,9 +156,11 @@ impl Adapter for Lora {
         let scale = Array::from_f32(settings.scale())
             .as_dtype(z.dtype())
             .context(ctx)?;
-        base_output
-            .add(z.multiply(&scale).context(ctx)?)
-            .context(ctx)
+        let update = z
+            .multiply(&scale)
+            .and_then(|z| z.as_dtype(x.dtype()))
+            .context(ctx)?;
+        base_output.add(&update).context(ctx)
     }
 
     fn merge(
