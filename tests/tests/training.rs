@@ -731,3 +731,32 @@ fn shards_on_concurrent_streams_train_like_one_stream() {
     let _ = run(2, false);
     assert_eq!(mlx_zoo::runtime::blas_threads(), before);
 }
+
+/// Training in bfloat16 keeps the model bfloat16: full fine-tuning's
+/// parameters (which the optimizer's float32 state would promote) and a
+/// LoRA model's frozen weights and logits; both still learn.
+#[test]
+fn bfloat16_training_keeps_the_model_bfloat16() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let registry = mlx_zoo::registry().unwrap();
+    let options = LoadOptions {
+        dtype: mlx_zoo::loader::ComputeDtype::Bfloat16,
+        ..Default::default()
+    };
+    let bf16 = || {
+        mlx_zoo::loader::load(&registry, &mlx_zoo_tests::fixture("llama-gqa"), &options).unwrap()
+    };
+    for (name, mut loaded) in [("full", bf16()), ("lora", with_lora(bf16()))] {
+        let mut trainer = Trainer::new(config(12, 2e-3), &data, 0).unwrap();
+        let l = losses(&mut trainer, &mut loaded, &data, 12);
+        assert!(l.iter().all(|x| x.is_finite()), "{name}: {l:?}");
+        assert!(l[11] < l[0], "{name} did not learn: {l:?}");
+        let params = loaded.model.parameters().flatten();
+        let weight = &params["model.layers.0.mlp.down_proj.weight"];
+        assert_eq!(weight.dtype(), mlx_rs::Dtype::Bfloat16, "{name}");
+        let ids = mlx_rs::Array::from_slice(&[1i32, 20, 30], &[1, 3]);
+        let logits = loaded.model.forward(&ids, None).unwrap();
+        assert_eq!(logits.dtype(), mlx_rs::Dtype::Bfloat16, "{name}");
+    }
+}

@@ -9,9 +9,11 @@ use mlx_rs::optimizers::{
     Adafactor, AdafactorBuilder, AdamW, AdamWBuilder, Optimizer as _, OptimizerState as _, Sgd,
     SgdBuilder,
 };
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
+use std::rc::Rc;
 
 /// Which optimizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,15 +99,36 @@ impl Optimizer {
     }
 
     /// Applies `gradients` to the model's parameters of the same names.
+    /// Parameters keep their dtype: the optimizers' float32 constants and
+    /// state would otherwise turn a bfloat16 parameter float32 at its first
+    /// update (the state itself stays float32).
     pub fn update<M: ModuleParameters>(
         &mut self,
         model: &mut M,
         gradients: &FlattenedModuleParam,
     ) -> Result<()> {
+        let dtypes: HashMap<Rc<str>, Dtype> = model
+            .trainable_parameters()
+            .flatten()
+            .into_iter()
+            .map(|(name, array)| (name, array.dtype()))
+            .collect();
         match &mut self.inner {
             Inner::AdamW(o) => o.update(model, gradients)?,
             Inner::Sgd(o) => o.update(model, gradients)?,
             Inner::Adafactor(o) => o.update(model, gradients)?,
+        }
+        let mut restored = FlattenedModuleParam::new();
+        for (name, array) in model.trainable_parameters().flatten() {
+            match dtypes.get(&name) {
+                Some(&dtype) if dtype != array.dtype() => {
+                    restored.insert(name, array.as_dtype(dtype)?);
+                }
+                _ => {}
+            }
+        }
+        if !restored.is_empty() {
+            model.update_flattened(restored);
         }
         Ok(())
     }

@@ -218,13 +218,18 @@ fn lazy_loss_and_grad(
 /// order changes between runs, and with it the rounding: resumed runs must
 /// repeat the same bits).
 pub fn global_norm(gradients: &FlattenedModuleParam) -> Result<f32> {
+    Ok(lazy_global_norm(gradients)?.item_cast::<f32>())
+}
+
+/// [`global_norm`] as a graph not yet evaluated.
+fn lazy_global_norm(gradients: &FlattenedModuleParam) -> Result<Array> {
     let mut names: Vec<&Rc<str>> = gradients.keys().collect();
     names.sort();
     let mut total = Array::from_f32(0.0);
     for name in names {
         total = total.add(&gradients[name].square()?.sum(None)?)?;
     }
-    Ok(total.sqrt()?.item_cast::<f32>())
+    Ok(total.sqrt()?)
 }
 
 /// A training run's optimizer, schedule position and data position.
@@ -408,15 +413,17 @@ impl Trainer {
             .into_iter()
             .map(|(k, g)| Ok((k, g.divide(&total)?)))
             .collect::<Result<_, Exception>>()?;
-        let grad_norm = global_norm(&grads)?;
+        // Clipping stays in the graph (no host round trip for the norm):
+        // the scale is exactly 1 below the bound.
+        let grad_norm = lazy_global_norm(&grads)?;
         if let Some(max) = self.config.max_grad_norm {
-            if grad_norm > max {
-                let scale = Array::from_f32(max / (grad_norm + 1e-6));
-                grads = grads
-                    .into_iter()
-                    .map(|(k, g)| Ok((k, g.multiply(&scale)?)))
-                    .collect::<Result<_, Exception>>()?;
-            }
+            let bound = Array::from_f32(max);
+            let clipped = bound.divide(grad_norm.add(Array::from_f32(1e-6))?)?;
+            let scale = mlx_rs::ops::select(grad_norm.gt(&bound)?, &clipped, Array::from_f32(1.0))?;
+            grads = grads
+                .into_iter()
+                .map(|(k, g)| Ok((k, g.multiply(&scale)?)))
+                .collect::<Result<_, Exception>>()?;
         }
         let lr = self.config.schedule.lr(self.step);
         self.optimizer.set_lr(lr);
@@ -429,7 +436,9 @@ impl Trainer {
             .map(|a| (*a).clone())
             .collect();
         updated.extend(self.optimizer.state_arrays()?);
+        updated.push(grad_norm.clone());
         mlx_rs::transforms::eval(updated.iter())?;
+        let grad_norm = grad_norm.item_cast::<f32>();
         self.step += 1;
         let memory = mlx_zoo_core::runtime::memory();
         let seconds = started.elapsed().as_secs_f32().max(1e-9);
