@@ -122,6 +122,13 @@ pub struct FinetuneArgs {
     /// (default: one per core, at most the batch size; 1 turns it off).
     #[arg(long)]
     pub streams: Option<usize>,
+    /// Compile each step's loss and gradients with MLX's compile (traced
+    /// once per batch shape, replayed with fused kernels): auto compiles
+    /// on a GPU, where building the graph every step keeps the device
+    /// waiting. Runs with several --streams or --lora-dropout train
+    /// uncompiled.
+    #[arg(long, value_enum, default_value_t = Toggle::Auto)]
+    pub compile: Toggle,
     /// Pack each batch's examples into rows of --max-seq-len positions
     /// (longest first) instead of padding each to the longest; packed
     /// examples never attend to each other.
@@ -207,6 +214,7 @@ impl TrainHooks for Progress {
             "tokens_per_second": r.tokens_per_second,
             "active_memory": r.active_memory, "peak_memory": r.peak_memory,
             "cache_memory": r.cache_memory,
+            "eval_seconds": r.eval_seconds, "graph_seconds": r.graph_seconds,
         }));
         if !self.quiet {
             let done = r.step - self.first_step;
@@ -373,6 +381,11 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
                 1
             }
         }),
+        compile: match args.compile {
+            Toggle::On => true,
+            Toggle::Off => false,
+            Toggle::Auto => !mlx_zoo::runtime::on_cpu(),
+        },
     };
     let pad = tokenizer.eos_ids().first().copied().unwrap_or(0);
     let mut trainer = Trainer::new(config, &data, pad)?;
@@ -384,6 +397,13 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
                 checkpoint.display(),
                 trainer.step()
             );
+        }
+    }
+    if !quiet && trainer.config().compile {
+        if trainer.will_compile(loaded.model.as_mut())? {
+            eprintln!("compiled steps: traced once per batch shape, then replayed");
+        } else {
+            eprintln!("compiled steps: off (adapter dropout or several streams train uncompiled)");
         }
     }
     std::fs::create_dir_all(&args.out)
@@ -594,4 +614,15 @@ mod metrics_tests {
         );
         trim_metrics(&dir.path().join("absent.jsonl"), 2).unwrap();
     }
+}
+
+/// On, off, or chosen for the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    /// Chosen for the device the run computes on.
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
 }

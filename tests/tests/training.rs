@@ -79,6 +79,7 @@ fn config(iters: usize, lr: f32) -> TrainConfig {
         save_every: 0,
         pack: None,
         streams: 1,
+        compile: false,
     }
 }
 
@@ -759,4 +760,121 @@ fn bfloat16_training_keeps_the_model_bfloat16() {
         let logits = loaded.model.forward(&ids, None).unwrap();
         assert_eq!(logits.dtype(), mlx_rs::Dtype::Bfloat16, "{name}");
     }
+}
+
+/// The largest absolute difference between two runs' parameters.
+fn params_diff(
+    a: &[(std::rc::Rc<str>, mlx_rs::Array)],
+    b: &[(std::rc::Rc<str>, mlx_rs::Array)],
+) -> f32 {
+    a.iter()
+        .map(|(name, x)| {
+            let y = &b.iter().find(|(n, _)| n == name).unwrap().1;
+            x.subtract(y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(None)
+                .unwrap()
+                .item_cast::<f32>()
+        })
+        .fold(0f32, f32::max)
+}
+
+/// A compiled step (MLX's compile over loss and gradients, traced once per
+/// batch shape) trains like the uncompiled one: LoRA and full fine-tuning,
+/// with accumulation and packing, and with gradient checkpointing; batches
+/// of two lengths make it trace twice and replay.
+#[test]
+fn compiled_steps_train_like_uncompiled_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    for (full, grad_accum, pack) in [(false, 1, false), (true, 1, false), (false, 2, true)] {
+        let run = |compile: bool| {
+            let config = TrainConfig {
+                compile,
+                grad_accum,
+                pack: pack.then_some(64),
+                ..config(6, 5e-3)
+            };
+            mlx_rs::random::seed(42).unwrap();
+            let mut loaded = if full {
+                mlx_zoo_tests::load("llama-gqa")
+            } else {
+                with_lora(mlx_zoo_tests::load("llama-gqa"))
+            };
+            let mut trainer = Trainer::new(config, &data, 0).unwrap();
+            let losses = losses(&mut trainer, &mut loaded, &data, 6);
+            assert_eq!(trainer.compiled(), compile);
+            (losses, trainable(&loaded))
+        };
+        let (plain, plain_params) = run(false);
+        let (compiled, compiled_params) = run(true);
+        for (a, b) in plain.iter().zip(&compiled) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "full {full} accum {grad_accum} pack {pack}: {plain:?} vs {compiled:?}"
+            );
+        }
+        // AdamW divides by the gradients' own scale, so a parameter whose
+        // gradient is near zero moves by up to the learning rate either way:
+        // the same bound as concurrent streams.
+        let worst = params_diff(&plain_params, &compiled_params);
+        assert!(worst < 1e-4, "full {full}: parameters differ by {worst}");
+    }
+
+    // Gradient checkpointing inside the compiled graph.
+    let run = |compile: bool| {
+        mlx_rs::random::seed(42).unwrap();
+        let mut loaded = with_lora(mlx_zoo_tests::load("llama-gqa"));
+        loaded.model.set_gradient_checkpointing(true).unwrap();
+        let config = TrainConfig {
+            compile,
+            ..config(4, 5e-3)
+        };
+        let mut trainer = Trainer::new(config, &data, 0).unwrap();
+        let losses = losses(&mut trainer, &mut loaded, &data, 4);
+        assert_eq!(trainer.compiled(), compile);
+        losses
+    };
+    let (plain, compiled) = (run(false), run(true));
+    for (a, b) in plain.iter().zip(&compiled) {
+        assert!(
+            (a - b).abs() < 1e-5,
+            "checkpointed: {plain:?} vs {compiled:?}"
+        );
+    }
+}
+
+/// Adapter dropout draws new masks every step, which a replayed trace would
+/// freeze: a compiled run with dropout trains uncompiled, step for step the
+/// same as a run that never asked to compile.
+#[test]
+fn compiled_runs_with_dropout_train_uncompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let registry = mlx_zoo::registry().unwrap();
+    let run = |compile: bool| {
+        mlx_rs::random::seed(42).unwrap();
+        let mut loaded = mlx_zoo_tests::load("llama-gqa");
+        let settings = AdapterSettings {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.3,
+            rslora: false,
+        };
+        loaded
+            .apply_lora(&registry, &["q_proj", "v_proj"], settings)
+            .unwrap();
+        let config = TrainConfig {
+            compile,
+            ..config(4, 5e-3)
+        };
+        let mut trainer = Trainer::new(config, &data, 0).unwrap();
+        assert!(!trainer.will_compile(loaded.model.as_mut()).unwrap());
+        let losses = losses(&mut trainer, &mut loaded, &data, 4);
+        assert!(!trainer.compiled());
+        losses
+    };
+    assert_eq!(run(false), run(true));
 }

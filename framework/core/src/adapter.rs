@@ -281,6 +281,19 @@ pub fn freeze_all_but_adapters(model: &mut dyn crate::CausalLm) -> Result<()> {
     })
 }
 
+/// Whether any adapter attached to `model` applies dropout in training (its
+/// random masks make each step's graph different).
+pub fn adapter_dropout_in_use(model: &mut dyn crate::model::CausalLm) -> Result<bool> {
+    let mut in_use = false;
+    model.visit_linears(&mut |_, layer| {
+        if let Some(attached) = layer.adapter.as_ref() {
+            in_use |= attached.settings.dropout > 0.0;
+        }
+        Ok(())
+    })?;
+    Ok(in_use)
+}
+
 /// Switches every attached adapter of `model` into (`true`) or out of
 /// training mode, where its dropout applies; returns how many layers carry
 /// an adapter.

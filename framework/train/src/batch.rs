@@ -26,6 +26,31 @@ pub struct Batch {
     pub segments: Option<Array>,
 }
 
+/// `batch` with its sequence length rounded up to a multiple of `multiple`
+/// (more padding, masked out: the loss is unchanged), so a compiled step
+/// meets few shapes. Packed batches are returned as they are.
+pub fn pad_batch(batch: Batch, multiple: usize, pad_id: u32) -> Result<Batch> {
+    let shape = batch.inputs.shape().to_vec();
+    let seq = shape.get(1).copied().unwrap_or(0) as usize;
+    let padded = seq.div_ceil(multiple.max(1)) * multiple.max(1);
+    if batch.segments.is_some() || padded == seq || shape.len() != 2 {
+        return Ok(batch);
+    }
+    let extra = (padded - seq) as i32;
+    let widths: &[(i32, i32)] = &[(0, 0), (0, extra)];
+    let pad = |array: &Array, value: Array| {
+        mlx_rs::ops::pad(array, widths, value, None)
+            .map_err(|e| TrainError::InvalidSetting(format!("padding a batch: {e}")))
+    };
+    Ok(Batch {
+        inputs: pad(&batch.inputs, Array::from_int(pad_id as i32))?,
+        targets: pad(&batch.targets, Array::from_int(pad_id as i32))?,
+        mask: pad(&batch.mask, Array::from_f32(0.0))?,
+        loss_tokens: batch.loss_tokens,
+        segments: None,
+    })
+}
+
 /// Builds a batch from examples, padding with `pad_id` (masked out).
 pub fn make_batch(examples: &[&Example], pad_id: u32) -> Result<Batch> {
     let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);

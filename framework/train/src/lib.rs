@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod compiled;
 pub mod data;
 pub mod error;
 pub mod loss;
@@ -19,7 +20,8 @@ pub mod plan;
 pub mod schedule;
 pub mod trainer;
 
-pub use batch::{make_batch, make_packed_batch, Batch, BatchOrder, BatchPosition};
+pub use batch::{make_batch, make_packed_batch, pad_batch, Batch, BatchOrder, BatchPosition};
+pub use compiled::CompiledLossGrad;
 pub use data::{load_dataset, DataOptions, Dataset, Example, Record};
 pub use error::{Result, TrainError};
 pub use loss::masked_cross_entropy;

@@ -5,7 +5,8 @@
 //! bit, and [`Trainer::run`] with [`TrainHooks`] for logging, evaluation and
 //! stopping.
 
-use crate::batch::{make_batch, make_packed_batch, Batch, BatchOrder, BatchPosition};
+use crate::batch::{make_batch, make_packed_batch, pad_batch, Batch, BatchOrder, BatchPosition};
+use crate::compiled::CompiledLossGrad;
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
 use crate::loss::masked_cross_entropy;
@@ -58,7 +59,18 @@ pub struct TrainConfig {
     /// stream already fills the device.
     #[serde(default = "one_stream")]
     pub streams: usize,
+    /// Compile each micro-batch's loss and gradients with MLX's `compile`
+    /// (traced once per batch shape, then replayed with fused element-wise
+    /// kernels and no graph building on the host). Not with several streams
+    /// or adapter dropout, which train uncompiled. Padded batches are
+    /// rounded up to a multiple of [`COMPILED_PAD_MULTIPLE`] positions so
+    /// few shapes need a trace.
+    #[serde(default)]
+    pub compile: bool,
 }
+
+/// Padded batch lengths of a compiled run are multiples of this.
+pub const COMPILED_PAD_MULTIPLE: usize = 32;
 
 fn one_stream() -> usize {
     1
@@ -80,6 +92,7 @@ impl Default for TrainConfig {
             save_every: 0,
             pack: None,
             streams: 1,
+            compile: false,
         }
     }
 }
@@ -133,6 +146,12 @@ pub struct StepReport {
     pub peak_memory: usize,
     /// MLX buffer cache, bytes.
     pub cache_memory: usize,
+    /// Seconds of this step spent waiting for MLX to evaluate graphs (the
+    /// computation, plus the host's scheduling of it).
+    pub eval_seconds: f32,
+    /// The rest of the step's seconds: batching and building the graphs
+    /// (forward, autodiff, update) on the host.
+    pub graph_seconds: f32,
 }
 
 /// Callbacks of [`Trainer::run`]; every method has a do-nothing default.
@@ -242,6 +261,10 @@ pub struct Trainer {
     last_checkpoint: Option<PathBuf>,
     /// One MLX stream per shard (none when the run uses one stream).
     streams: Vec<mlx_rs::Stream>,
+    /// Time the current step has spent in evaluations.
+    waited: std::time::Duration,
+    /// The compiled loss and gradients, when the run compiles.
+    compiled: Option<CompiledLossGrad>,
 }
 
 /// What a checkpoint records besides the arrays.
@@ -279,12 +302,27 @@ impl Trainer {
             pad_id,
             last_checkpoint: None,
             streams,
+            waited: std::time::Duration::ZERO,
+            compiled: None,
         })
     }
 
     /// The run's settings.
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// Whether the steps on `model` run compiled: the run asks for it, on
+    /// one stream, and no adapter uses dropout.
+    pub fn will_compile(&self, model: &mut dyn CausalLm) -> Result<bool> {
+        Ok(self.config.compile
+            && self.streams.is_empty()
+            && !mlx_zoo_core::adapter::adapter_dropout_in_use(model)?)
+    }
+
+    /// Whether the steps so far ran compiled.
+    pub fn compiled(&self) -> bool {
+        self.compiled.is_some()
     }
 
     /// Optimizer steps completed.
@@ -311,10 +349,16 @@ impl Trainer {
             .collect()
     }
 
-    /// `examples` padded, or packed when the run packs.
+    /// `examples` padded, or packed when the run packs; a compiled run pads
+    /// to a multiple of [`COMPILED_PAD_MULTIPLE`].
     fn batch_of(&self, examples: &[&Example]) -> Result<Batch> {
         match self.config.pack {
             Some(capacity) => make_packed_batch(examples, self.pad_id, capacity),
+            None if self.compiled.is_some() => pad_batch(
+                make_batch(examples, self.pad_id)?,
+                COMPILED_PAD_MULTIPLE,
+                self.pad_id,
+            ),
             None => make_batch(examples, self.pad_id),
         }
     }
@@ -324,6 +368,7 @@ impl Trainer {
     /// A non-finite loss stops before anything is applied.
     pub fn train_step(&mut self, model: &mut dyn CausalLm, data: &Dataset) -> Result<StepReport> {
         let started = Instant::now();
+        self.waited = std::time::Duration::ZERO;
         // Adapter dropout draws from MLX's key, seeded per step so a resumed
         // run draws the same masks.
         mlx_rs::random::seed(self.config.seed.wrapping_add(self.step as u64))?;
@@ -333,6 +378,9 @@ impl Trainer {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             mlx_zoo_core::runtime::limit_blas_threads(cores / self.streams.len())
         });
+        if self.compiled.is_none() && self.will_compile(model)? {
+            self.compiled = Some(CompiledLossGrad::new());
+        }
         let result = self.accumulate(model, data);
         mlx_zoo_core::adapter::set_adapter_training(model, false)?;
         let (accumulated, loss_sum, loss_tokens, tokens) = result?;
@@ -362,18 +410,21 @@ impl Trainer {
                 if shard.loss_tokens == 0 {
                     continue;
                 }
-                let (loss, grads) = match self.streams.get(index) {
-                    Some(stream) => {
+                let (loss, grads) = match (self.streams.get(index), &self.compiled) {
+                    (Some(stream), _) => {
                         mlx_rs::with_stream(stream, || lazy_loss_and_grad(model, shard))?
                     }
-                    None => lazy_loss_and_grad(model, shard)?,
+                    (None, Some(compiled)) => compiled.loss_and_grad(model, shard)?,
+                    (None, None) => lazy_loss_and_grad(model, shard)?,
                 };
                 let weight = Array::from_f32(shard.loss_tokens as f32);
                 summed = Some(weigh(&grads, &weight, summed)?);
                 losses.push((loss, shard.loss_tokens));
             }
             let Some(summed) = summed else { continue };
+            let waiting = Instant::now();
             mlx_rs::transforms::eval(losses.iter().map(|(l, _)| l).chain(summed.values()))?;
+            self.waited += waiting.elapsed();
             let batch_sum: f64 = losses
                 .iter()
                 .map(|(l, n)| l.item_cast::<f32>() as f64 * *n as f64)
@@ -437,7 +488,9 @@ impl Trainer {
             .collect();
         updated.extend(self.optimizer.state_arrays()?);
         updated.push(grad_norm.clone());
+        let waiting = Instant::now();
         mlx_rs::transforms::eval(updated.iter())?;
+        self.waited += waiting.elapsed();
         let grad_norm = grad_norm.item_cast::<f32>();
         self.step += 1;
         let memory = mlx_zoo_core::runtime::memory();
@@ -453,6 +506,8 @@ impl Trainer {
             active_memory: memory.active,
             peak_memory: memory.peak,
             cache_memory: memory.cache,
+            eval_seconds: self.waited.as_secs_f32(),
+            graph_seconds: (seconds - self.waited.as_secs_f32()).max(0.0),
         })
     }
 

@@ -61,19 +61,26 @@ pub fn segment_mask(segments: &Array, window: Option<usize>) -> Result<Attention
             "segment ids must be [batch, seq], got {shape:?}"
         )));
     }
-    let (rows, seq) = (shape[0] as usize, shape[1] as usize);
-    let ids = segments.as_dtype(mlx_rs::Dtype::Int32).context(context)?;
-    let ids = ids.as_slice::<i32>();
-    let mut allowed = Vec::with_capacity(rows * seq * seq);
-    for row in ids.chunks(seq) {
-        for (q, query_segment) in row.iter().enumerate() {
-            for (k, key_segment) in row.iter().enumerate() {
-                let in_window = window.is_none_or(|w| k + w > q);
-                allowed.push(k <= q && in_window && key_segment == query_segment);
-            }
+    // Built in the graph (no read on the host), so that a compiled training
+    // step can take the segment ids as an input.
+    let seq = shape[1];
+    let build = || -> std::result::Result<Array, mlx_rs::error::Exception> {
+        let ids = segments.as_dtype(mlx_rs::Dtype::Int32)?;
+        let same = mlx_rs::ops::expand_dims(&ids, 2)?.eq(mlx_rs::ops::expand_dims(&ids, 1)?)?;
+        let positions = mlx_rs::ops::arange::<_, i32>(0, seq, 1)?;
+        let queries = mlx_rs::ops::expand_dims(&positions, 1)?;
+        let keys = mlx_rs::ops::expand_dims(&positions, 0)?;
+        let mut allowed = keys.le(&queries)?;
+        if let Some(window) = window {
+            let window = i32::try_from(window).unwrap_or(i32::MAX);
+            // k + w > q, as k > q - w (no overflow for any window).
+            let earliest = queries.subtract(Array::from_int(window))?;
+            allowed = allowed.logical_and(&keys.gt(&earliest)?)?;
         }
-    }
-    let mask = Array::from_slice(&allowed, &[rows as i32, 1, seq as i32, seq as i32]);
+        let allowed = same.logical_and(&mlx_rs::ops::expand_dims(&allowed, 0)?)?;
+        mlx_rs::ops::expand_dims(&allowed, 1)
+    };
+    let mask = build().context(context)?;
     Ok(AttentionMask::Additive(mask))
 }
 
