@@ -29,24 +29,62 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// from 1).
 static NEXT_ID: AtomicUsize = AtomicUsize::new(usize::MAX / 2);
 
-/// One compiled loss-and-gradient function; its traces (one per batch shape)
-/// live in MLX's compile cache until it is dropped.
-pub struct CompiledLossGrad {
+/// A function compiled by MLX under an id of its own: its traces (one per
+/// set of input shapes) live in MLX's compile cache until it is dropped.
+pub struct CompiledFunction {
     id: usize,
 }
 
-impl Default for CompiledLossGrad {
+impl Default for CompiledFunction {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl CompiledLossGrad {
+impl CompiledFunction {
     /// A function with nothing traced yet.
     pub fn new() -> Self {
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
+    }
+
+    /// Runs the compiled graph on `inputs` (lazily), tracing `body` first
+    /// when no trace of these shapes is cached. `body` must build the same
+    /// graph for the same shapes every time: it is only called to trace.
+    pub fn call(
+        &self,
+        body: &mut dyn FnMut(&[Array]) -> std::result::Result<Vec<Array>, Exception>,
+        inputs: &[Array],
+    ) -> Result<Vec<Array>> {
+        apply_compiled(self.id, body, inputs)
+    }
+}
+
+impl Drop for CompiledFunction {
+    fn drop(&mut self) {
+        // SAFETY: plain calls into mlx-c with a handle it made; a failure
+        // only leaves a cache entry behind.
+        unsafe {
+            let mut cache = mlx_sys::mlx_compile_cache_new();
+            if mlx_sys::mlx_detail_compile_cache(&mut cache) == 0 {
+                mlx_sys::mlx_detail_compile_erase(cache, self.id);
+            }
+            mlx_sys::mlx_compile_cache_free(cache);
+        }
+    }
+}
+
+/// One compiled loss-and-gradient function.
+#[derive(Default)]
+pub struct CompiledLossGrad {
+    function: CompiledFunction,
+}
+
+impl CompiledLossGrad {
+    /// A function with nothing traced yet.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// The mean loss of `batch` and the gradients of the model's trainable
@@ -74,7 +112,7 @@ impl CompiledLossGrad {
             let (params, data) = tracers.split_at(count);
             traced_loss_and_grad(model, &names, params, data)
         };
-        let outputs = apply_compiled(self.id, &mut trace, &inputs)?;
+        let outputs = self.function.call(&mut trace, &inputs)?;
         if outputs.len() != count + 1 {
             return Err(TrainError::InvalidSetting(format!(
                 "the compiled step returned {} arrays, expected {}",
@@ -85,20 +123,6 @@ impl CompiledLossGrad {
         let mut outputs = outputs.into_iter();
         let loss = outputs.next().expect("length checked above");
         Ok((loss, names.into_iter().zip(outputs).collect()))
-    }
-}
-
-impl Drop for CompiledLossGrad {
-    fn drop(&mut self) {
-        // SAFETY: plain calls into mlx-c with a handle it made; a failure
-        // only leaves a cache entry behind.
-        unsafe {
-            let mut cache = mlx_sys::mlx_compile_cache_new();
-            if mlx_sys::mlx_detail_compile_cache(&mut cache) == 0 {
-                mlx_sys::mlx_detail_compile_erase(cache, self.id);
-            }
-            mlx_sys::mlx_compile_cache_free(cache);
-        }
     }
 }
 

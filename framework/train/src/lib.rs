@@ -21,7 +21,7 @@ pub mod schedule;
 pub mod trainer;
 
 pub use batch::{make_batch, make_packed_batch, pad_batch, Batch, BatchOrder, BatchPosition};
-pub use compiled::CompiledLossGrad;
+pub use compiled::{CompiledFunction, CompiledLossGrad};
 pub use data::{load_dataset, DataOptions, Dataset, Example, Record};
 pub use error::{Result, TrainError};
 pub use loss::masked_cross_entropy;

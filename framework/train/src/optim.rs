@@ -2,8 +2,10 @@
 //! momentum) and Adafactor, with the learning rate set per step by the
 //! schedule and the state saved to and restored from safetensors.
 
+use crate::compiled::CompiledFunction;
 use crate::error::{Result, TrainError};
 use mlx_rs::builder::Builder as _;
+use mlx_rs::error::Exception;
 use mlx_rs::module::{FlattenedModuleParam, ModuleParameters};
 use mlx_rs::optimizers::{
     Adafactor, AdafactorBuilder, AdamW, AdamWBuilder, Optimizer as _, OptimizerState as _, Sgd,
@@ -133,6 +135,71 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Everything of a step after the gradients as one compiled graph (AdamW
+    /// only; `None` for the other optimizers, which update uncompiled):
+    /// the token-weighted gradient `sums` divided by `loss_tokens`, their
+    /// global norm, clipping to `max_grad_norm`, and AdamW's update with the
+    /// rate set by [`Optimizer::set_lr`] (an input of the graph, so the
+    /// schedule needs no new trace). The arithmetic is mlx-rs's AdamW, op
+    /// for op; parameters keep their dtype. Returns the norm before
+    /// clipping, lazily, with the parameters and state updated lazily.
+    pub fn compiled_step<M: ModuleParameters>(
+        &mut self,
+        function: &CompiledFunction,
+        model: &mut M,
+        sums: &FlattenedModuleParam,
+        loss_tokens: f32,
+        max_grad_norm: Option<f32>,
+    ) -> Result<Option<Array>> {
+        let Inner::AdamW(adamw) = &mut self.inner else {
+            return Ok(None);
+        };
+        let mut names: Vec<Rc<str>> = sums.keys().cloned().collect();
+        names.sort();
+        let params = model.trainable_parameters().flatten();
+        let mut inputs = vec![Array::from_f32(loss_tokens), adamw.lr.clone()];
+        for name in &names {
+            let param = params.get(name).ok_or_else(|| {
+                TrainError::InvalidSetting(format!("a gradient for {name}, which does not train"))
+            })?;
+            let (m, v) = adamw
+                .state
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| (Array::from_f32(0.0), Array::from_f32(0.0)));
+            inputs.extend([sums[name].clone(), (*param).clone(), m, v]);
+        }
+        drop(params);
+        let constants = AdamWConstants {
+            betas: adamw.betas.clone(),
+            eps: adamw.eps.clone(),
+            weight_decay: adamw.weight_decay.clone(),
+            max_grad_norm,
+        };
+        let mut body = |t: &[Array]| constants.traced_step(t);
+        let outputs = function.call(&mut body, &inputs)?;
+        if outputs.len() != 1 + 3 * names.len() {
+            return Err(TrainError::InvalidSetting(format!(
+                "the compiled update returned {} arrays, expected {}",
+                outputs.len(),
+                1 + 3 * names.len()
+            )));
+        }
+        let mut outputs = outputs.into_iter();
+        let norm = outputs.next().expect("length checked above");
+        let mut updated = FlattenedModuleParam::new();
+        for name in names {
+            let (p, m, v) = match (outputs.next(), outputs.next(), outputs.next()) {
+                (Some(p), Some(m), Some(v)) => (p, m, v),
+                _ => unreachable!("length checked above"),
+            };
+            updated.insert(name.clone(), p);
+            adamw.state.insert(name, (m, v));
+        }
+        model.update_flattened(updated);
+        Ok(Some(norm))
+    }
+
     /// The state arrays (to evaluate after an update).
     pub fn state_arrays(&mut self) -> Result<Vec<Array>> {
         let arrays = match &mut self.inner {
@@ -173,4 +240,65 @@ impl Optimizer {
 
 fn collect(entries: Vec<(std::rc::Rc<str>, &Array)>) -> Vec<Array> {
     entries.into_iter().map(|(_, a)| a.clone()).collect()
+}
+
+/// AdamW's settings that a compiled update reads as constants.
+struct AdamWConstants {
+    betas: (Array, Array),
+    eps: Array,
+    weight_decay: Array,
+    max_grad_norm: Option<f32>,
+}
+
+impl AdamWConstants {
+    /// The traced update: inputs `[loss_tokens, lr, (sum, param, m, v)...]`
+    /// in name order; outputs `[norm, (param, m, v)...]`.
+    fn traced_step(&self, t: &[Array]) -> std::result::Result<Vec<Array>, Exception> {
+        let (total, lr) = (&t[0], &t[1]);
+        let groups: Vec<&[Array]> = t[2..].chunks(4).collect();
+        let grads = groups
+            .iter()
+            .map(|g| g[0].divide(total))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        // The global norm as `global_norm` sums it: in name order.
+        let mut squares = Array::from_f32(0.0);
+        for grad in &grads {
+            squares = squares.add(&grad.square()?.sum(None)?)?;
+        }
+        let norm = squares.sqrt()?;
+        let scale = match self.max_grad_norm {
+            Some(max) => {
+                let bound = Array::from_f32(max);
+                let clipped = bound.divide(norm.add(Array::from_f32(1e-6))?)?;
+                Some(mlx_rs::ops::select(
+                    norm.gt(&bound)?,
+                    &clipped,
+                    Array::from_f32(1.0),
+                )?)
+            }
+            None => None,
+        };
+        let (b1, b2) = &self.betas;
+        let one = Array::from_f32(1.0);
+        let one_minus_b1 = one.subtract(b1)?;
+        let one_minus_b2 = one.subtract(b2)?;
+        let one_minus_lr_wd = one.subtract(lr.multiply(&self.weight_decay)?)?;
+        let mut outputs = vec![norm.clone()];
+        for (group, grad) in groups.iter().zip(grads) {
+            let (param, m, v) = (&group[1], &group[2], &group[3]);
+            let grad = match &scale {
+                Some(scale) => grad.multiply(scale)?,
+                None => grad,
+            };
+            let decayed = param.multiply(&one_minus_lr_wd)?;
+            let new_m = b1.multiply(m)?.add(&one_minus_b1.multiply(&grad)?)?;
+            let new_v = b2
+                .multiply(v)?
+                .add(&one_minus_b2.multiply(grad.square()?)?)?;
+            let step = lr.multiply(new_m.divide(new_v.sqrt()?.add(&self.eps)?)?)?;
+            let new_param = decayed.subtract(&step)?.as_dtype(param.dtype())?;
+            outputs.extend([new_param, new_m, new_v]);
+        }
+        Ok(outputs)
+    }
 }

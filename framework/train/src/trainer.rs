@@ -6,7 +6,7 @@
 //! stopping.
 
 use crate::batch::{make_batch, make_packed_batch, pad_batch, Batch, BatchOrder, BatchPosition};
-use crate::compiled::CompiledLossGrad;
+use crate::compiled::{CompiledFunction, CompiledLossGrad};
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
 use crate::loss::masked_cross_entropy;
@@ -265,6 +265,8 @@ pub struct Trainer {
     waited: std::time::Duration,
     /// The compiled loss and gradients, when the run compiles.
     compiled: Option<CompiledLossGrad>,
+    /// The compiled update (AdamW), when the run compiles.
+    compiled_update: CompiledFunction,
 }
 
 /// What a checkpoint records besides the arrays.
@@ -304,6 +306,7 @@ impl Trainer {
             streams,
             waited: std::time::Duration::ZERO,
             compiled: None,
+            compiled_update: CompiledFunction::new(),
         })
     }
 
@@ -459,6 +462,51 @@ impl Trainer {
         tokens: usize,
         started: Instant,
     ) -> Result<StepReport> {
+        let lr = self.config.schedule.lr(self.step);
+        self.optimizer.set_lr(lr);
+        if self.compiled.is_some() {
+            let mut model_ref = model;
+            let norm = self.optimizer.compiled_step(
+                &self.compiled_update,
+                &mut model_ref,
+                &accumulated,
+                loss_tokens as f32,
+                self.config.max_grad_norm,
+            )?;
+            if let Some(norm) = norm {
+                return self.finish_step(
+                    model_ref,
+                    norm,
+                    loss_sum,
+                    loss_tokens,
+                    tokens,
+                    lr,
+                    started,
+                );
+            }
+            return self.apply_uncompiled(
+                model_ref,
+                accumulated,
+                loss_sum,
+                loss_tokens,
+                tokens,
+                started,
+            );
+        }
+        self.apply_uncompiled(model, accumulated, loss_sum, loss_tokens, tokens, started)
+    }
+
+    /// [`Trainer::apply`] op by op (the optimizer's own update).
+    fn apply_uncompiled(
+        &mut self,
+        model: &mut dyn CausalLm,
+        accumulated: FlattenedModuleParam,
+        loss_sum: f64,
+        loss_tokens: usize,
+        tokens: usize,
+        started: Instant,
+    ) -> Result<StepReport> {
+        let lr = self.config.schedule.lr(self.step);
         let total = Array::from_f32(loss_tokens as f32);
         let mut grads: FlattenedModuleParam = accumulated
             .into_iter()
@@ -476,10 +524,32 @@ impl Trainer {
                 .map(|(k, g)| Ok((k, g.multiply(&scale)?)))
                 .collect::<Result<_, Exception>>()?;
         }
-        let lr = self.config.schedule.lr(self.step);
-        self.optimizer.set_lr(lr);
         let mut model_ref = model;
         self.optimizer.update(&mut model_ref, &grads)?;
+        self.finish_step(
+            model_ref,
+            grad_norm,
+            loss_sum,
+            loss_tokens,
+            tokens,
+            lr,
+            started,
+        )
+    }
+
+    /// Evaluates the updated parameters, the optimizer state and the norm,
+    /// and reports the step.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &mut self,
+        model_ref: &mut dyn CausalLm,
+        grad_norm: Array,
+        loss_sum: f64,
+        loss_tokens: usize,
+        tokens: usize,
+        lr: f32,
+        started: Instant,
+    ) -> Result<StepReport> {
         let mut updated: Vec<Array> = model_ref
             .trainable_parameters()
             .flatten()

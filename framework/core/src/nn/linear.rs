@@ -45,9 +45,15 @@ pub fn dequantize_rows() -> usize {
     DEQUANTIZE_ROWS.load(Ordering::Relaxed)
 }
 
+/// Rows from which a quantized layer on a GPU de-quantizes its weight and
+/// runs the float matmul: on an H200, QLoRA on 4 x 512-token batches ran
+/// 1.4-2x faster that way than through MLX's quantized matmul, which stays
+/// the path for decoding and short prompts.
+pub const GPU_DEQUANTIZE_ROWS: usize = 512;
+
 /// The threshold that applies to a call on the current default device:
 /// `ZOO_DEQUANTIZE_ROWS` when set (read once; `never` or a row count), else
-/// [`dequantize_rows`] on the CPU and never on a GPU.
+/// [`dequantize_rows`] on the CPU and [`GPU_DEQUANTIZE_ROWS`] on a GPU.
 fn dequantize_rows_here() -> usize {
     static FROM_ENV: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let from_env = FROM_ENV.get_or_init(|| {
@@ -69,7 +75,7 @@ fn dequantize_rows_here() -> usize {
     match from_env {
         Some(rows) => *rows,
         None if crate::runtime::on_cpu() => dequantize_rows(),
-        None => usize::MAX,
+        None => GPU_DEQUANTIZE_ROWS,
     }
 }
 
