@@ -25,6 +25,9 @@ use std::ffi::c_void;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// The function MLX traces: tracers in, the graph's outputs out.
+pub type TracedBody<'a> = dyn FnMut(&[Array]) -> std::result::Result<Vec<Array>, Exception> + 'a;
+
 /// Function ids for MLX's compile cache, far from mlx-rs's (which count up
 /// from 1).
 static NEXT_ID: AtomicUsize = AtomicUsize::new(usize::MAX / 2);
@@ -52,11 +55,7 @@ impl CompiledFunction {
     /// Runs the compiled graph on `inputs` (lazily), tracing `body` first
     /// when no trace of these shapes is cached. `body` must build the same
     /// graph for the same shapes every time: it is only called to trace.
-    pub fn call(
-        &self,
-        body: &mut dyn FnMut(&[Array]) -> std::result::Result<Vec<Array>, Exception>,
-        inputs: &[Array],
-    ) -> Result<Vec<Array>> {
+    pub fn call(&self, body: &mut TracedBody<'_>, inputs: &[Array]) -> Result<Vec<Array>> {
         apply_compiled(self.id, body, inputs)
     }
 }
@@ -186,18 +185,14 @@ fn build_loss_and_grad(
 
 /// What the trampoline needs: the Rust body and the first error it raised.
 struct Payload<'a> {
-    body: &'a mut dyn FnMut(&[Array]) -> std::result::Result<Vec<Array>, Exception>,
+    body: &'a mut TracedBody<'a>,
     error: Option<String>,
 }
 
 /// Calls mlx-c's compile of `body` under `id` on `inputs`: MLX traces `body`
 /// when no trace of these input shapes is cached, then runs the compiled
 /// graph (lazily: the outputs are not evaluated).
-fn apply_compiled(
-    id: usize,
-    body: &mut dyn FnMut(&[Array]) -> std::result::Result<Vec<Array>, Exception>,
-    inputs: &[Array],
-) -> Result<Vec<Array>> {
+fn apply_compiled(id: usize, body: &mut TracedBody<'_>, inputs: &[Array]) -> Result<Vec<Array>> {
     let mut payload = Payload { body, error: None };
     let failed = |what: &str, payload: &Payload| {
         TrainError::InvalidSetting(match &payload.error {
