@@ -3,7 +3,9 @@
 //! `GET /api/models/{repo}/revision/{rev}` (the file listing, with sizes and
 //! LFS hashes) and `GET /{repo}/resolve/{rev}/{file}` (with `Range`,
 //! `ETag` and `X-Repo-Commit`). Faults are injected on request: a connection
-//! dropped mid-file, a corrupted body, a gated repository answering 401.
+//! dropped mid-file, a corrupted body, a gated repository answering 401, and
+//! hostile answers (names that are paths, redirects without a target or to
+//! another host, bodies longer than listed or endless, a stalled server).
 
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -60,6 +62,20 @@ pub enum Fault {
     DropAfter(usize),
     /// Send the whole body with one byte flipped.
     Corrupt,
+    /// Answer with this `ETag` (quoted as given).
+    Etag(String),
+    /// Answer with this `X-Repo-Commit`.
+    Commit(String),
+    /// Answer `302 Found` with no `Location`.
+    RedirectWithoutLocation,
+    /// Answer `302 Found` to this URL (with the hub's `ETag` and commit).
+    RedirectTo(String),
+    /// Send the body followed by this many more bytes (sizes that lie).
+    Longer(usize),
+    /// Send headers without a length, then bytes until the client leaves.
+    Endless,
+    /// Send the headers, then nothing for this long.
+    Stall(std::time::Duration),
 }
 
 #[derive(Default)]
@@ -215,10 +231,13 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) {
     let range = request.headers.get("range").cloned();
     {
         let mut state = state.lock().expect("state");
-        let entry = match &range {
+        let mut entry = match &range {
             Some(range) => format!("GET {} {range}", request.path),
             None => format!("GET {}", request.path),
         };
+        if request.headers.contains_key("authorization") {
+            entry.push_str(" [authorization]");
+        }
         state.log.push(entry);
     }
     let repos = state.lock().expect("state").repos.clone();
@@ -396,6 +415,54 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) {
                 *last ^= 0xff;
             }
             respond(&mut stream, status, &headers, &body);
+        }
+        Some(Fault::Etag(etag)) => {
+            headers[0] = ("ETag", format!("\"{etag}\""));
+            respond(&mut stream, status, &headers, &body);
+        }
+        Some(Fault::Commit(commit)) => {
+            headers[1] = ("X-Repo-Commit", commit);
+            respond(&mut stream, status, &headers, &body);
+        }
+        Some(Fault::RedirectWithoutLocation) => {
+            respond(&mut stream, "302 Found", &headers, b"");
+        }
+        Some(Fault::RedirectTo(url)) => {
+            headers.push(("Location", url));
+            respond(&mut stream, "302 Found", &headers, b"");
+        }
+        Some(Fault::Longer(extra)) => {
+            body.extend(std::iter::repeat_n(0u8, extra));
+            respond(&mut stream, status, &headers, &body);
+        }
+        Some(Fault::Endless) => {
+            let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+            for (name, value) in &headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            head.push_str("\r\n");
+            let _ = stream.write_all(head.as_bytes());
+            let chunk = vec![0u8; 1 << 16];
+            // Until the client hangs up (a write fails), with a bound so a
+            // client that never stops cannot keep the test running forever.
+            for _ in 0..(1 << 16) {
+                if stream.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        }
+        Some(Fault::Stall(pause)) => {
+            let mut head = format!(
+                "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
+                body.len()
+            );
+            for (name, value) in &headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            head.push_str("\r\n");
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.flush();
+            std::thread::sleep(pause);
         }
         None => respond(&mut stream, status, &headers, &body),
     }

@@ -1,8 +1,9 @@
 //! The hub client against a loopback server speaking the hub protocol
 //! (`mlx_zoo_tests::hub_server`): a fresh download of only the needed files
 //! that loads and matches transformers, a cached second run with no network,
-//! a connection dropped mid-file, a corrupted body, 404s and a gated
-//! repository.
+//! a connection dropped mid-file, a corrupted body, 404s, a gated
+//! repository, and hostile servers and caches (path names in headers,
+//! redirects, lying and endless bodies, stalls, planted links).
 
 use mlx_zoo::hub::{Hub, HubError, HubOptions, RepoId, SnapshotSource};
 use mlx_zoo_tests::hub_server::{Fault, HubServer, ServedRepo};
@@ -397,4 +398,241 @@ fn closed_endpoint() -> String {
     let port = listener.local_addr().unwrap().port();
     drop(listener);
     format!("http://127.0.0.1:{port}")
+}
+
+/// Every regular file and link under `dir` (links not followed).
+fn entries(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(read) = std::fs::read_dir(dir) {
+        for entry in read.flatten() {
+            let path = entry.path();
+            match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() => found.extend(entries(&path)),
+                Ok(_) => found.push(path),
+                Err(_) => {}
+            }
+        }
+    }
+    found
+}
+
+/// A cache folder inside a parent whose other entries a hostile server
+/// must never reach: returns (parent, cache).
+fn fenced_cache() -> (tempfile::TempDir, std::path::PathBuf) {
+    let parent = tempfile::tempdir().unwrap();
+    let cache = parent.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::write(parent.path().join("precious.txt"), b"keep me").unwrap();
+    (parent, cache)
+}
+
+/// Nothing was written beside the cache, and `precious.txt` is intact.
+fn assert_fence_holds(parent: &Path) {
+    let outside: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut outside = outside;
+    outside.sort();
+    assert_eq!(
+        outside,
+        ["cache", "precious.txt"],
+        "written outside the cache"
+    );
+    assert_eq!(
+        std::fs::read(parent.join("precious.txt")).unwrap(),
+        b"keep me"
+    );
+}
+
+/// Hostile names: an `ETag` or `X-Repo-Commit` that is a path is refused by
+/// name before anything is written under it, and no file appears outside
+/// the cache.
+#[test]
+fn hostile_etags_and_commits_never_become_paths() {
+    let shard = "model-00001-of-00004.safetensors";
+    let id = RepoId::parse(REPO).unwrap();
+    for (fault, expect) in [
+        (
+            Fault::Etag("../../../../precious.txt".into()),
+            "not a blob hash",
+        ),
+        (Fault::Etag("a/b".into()), "not a blob hash"),
+        (
+            Fault::Etag("c".repeat(64)),
+            "not the blob the listing names",
+        ),
+        (
+            Fault::Commit("../../evil".into()),
+            "changed during the download",
+        ),
+    ] {
+        let (parent, cache) = fenced_cache();
+        let server = HubServer::start(vec![served_repo()]);
+        server.inject(shard, fault.clone());
+        let error = hub(&server, &cache).fetch(&id).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains(expect), "{fault:?}: {message}");
+        assert!(
+            message.contains(shard) || message.contains("evil"),
+            "{message}"
+        );
+        assert_fence_holds(parent.path());
+        let blobs = cache.join("models--zoo-test--tiny-llama/blobs");
+        assert!(
+            entries(&blobs).iter().all(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.trim_end_matches(".part")
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit())
+            }),
+            "{fault:?}: {:?}",
+            entries(&blobs)
+        );
+    }
+}
+
+/// A redirect with no `Location` is a clear error; a redirect to another
+/// host is followed without the token (which only the endpoint receives).
+#[test]
+fn redirects_are_checked_and_the_token_stays_home() {
+    let shard = "model-00002-of-00004.safetensors";
+    let id = RepoId::parse(REPO).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let server = HubServer::start(vec![served_repo()]);
+    server.inject(shard, Fault::RedirectWithoutLocation);
+    let error = hub(&server, cache.path()).fetch(&id).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, HubError::Protocol { .. }) && message.contains("without a Location"),
+        "{message}"
+    );
+
+    let cdn = HubServer::start(vec![served_repo()]);
+    let server = HubServer::start(vec![served_repo()]);
+    server.inject(
+        shard,
+        Fault::RedirectTo(format!("{}/{REPO}/resolve/main/{shard}", cdn.endpoint)),
+    );
+    let mut options = HubOptions::new(server.endpoint.clone(), cache.path());
+    options.token = Some("hf_secret".into());
+    let snapshot = Hub::new(options).unwrap().fetch(&id).expect("redirected");
+    assert_eq!(
+        std::fs::read(snapshot.dir.join(shard)).unwrap(),
+        served_repo().files[shard]
+    );
+    assert!(
+        server
+            .requests()
+            .iter()
+            .all(|r| r.ends_with("[authorization]")),
+        "the endpoint got every request with the token: {:#?}",
+        server.requests()
+    );
+    let cdn_requests = cdn.requests();
+    assert!(
+        !cdn_requests.is_empty() && cdn_requests.iter().all(|r| !r.contains("authorization")),
+        "the other host received the token: {cdn_requests:#?}"
+    );
+}
+
+/// Sizes that lie and bodies that never end stop at the listed size with an
+/// error naming the file, leaving no partial blob; a stalled server times
+/// out instead of hanging.
+#[test]
+fn long_endless_and_stalled_bodies_are_bounded() {
+    let shard = "model-00003-of-00004.safetensors";
+    let id = RepoId::parse(REPO).unwrap();
+    for fault in [Fault::Longer(1000), Fault::Endless] {
+        let cache = tempfile::tempdir().unwrap();
+        let server = HubServer::start(vec![served_repo()]);
+        server.inject(shard, fault.clone());
+        let started = std::time::Instant::now();
+        let error = hub(&server, cache.path()).fetch(&id).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            matches!(error, HubError::Protocol { .. })
+                && message.contains(shard)
+                && (message.contains("more than") || message.contains("runs past")),
+            "{fault:?}: {message}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        let blobs = cache.path().join("models--zoo-test--tiny-llama/blobs");
+        let parts: Vec<_> = entries(&blobs)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".part"))
+            .collect();
+        assert!(parts.is_empty(), "{fault:?}: partial blobs kept: {parts:?}");
+        // Nothing of the bad body is kept: the next run downloads it whole.
+        let snapshot = hub(&server, cache.path()).fetch(&id).expect("clean run");
+        assert_loads_and_matches(&snapshot.dir);
+    }
+
+    let cache = tempfile::tempdir().unwrap();
+    let server = HubServer::start(vec![served_repo()]);
+    for _ in 0..3 {
+        server.inject(shard, Fault::Stall(std::time::Duration::from_secs(5)));
+    }
+    let mut options = HubOptions::new(server.endpoint.clone(), cache.path());
+    options.retries = 2;
+    options.timeout = std::time::Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let error = Hub::new(options).unwrap().fetch(&id).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, HubError::Connection { .. }) && message.contains("gave up after 2 retries"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Links planted in the cache: a `blobs` folder linking elsewhere is
+/// refused, and a damaged snapshot entry linking to a file outside the cache
+/// is unlinked and downloaded again without touching that file; offline,
+/// such an entry does not count as cached.
+#[cfg(unix)]
+#[test]
+fn planted_links_never_lead_outside_the_cache() {
+    let id = RepoId::parse(REPO).unwrap();
+    let (parent, cache) = fenced_cache();
+    let server = HubServer::start(vec![served_repo()]);
+    let repo_dir = cache.join("models--zoo-test--tiny-llama");
+    std::fs::create_dir_all(&repo_dir).unwrap();
+    let elsewhere = parent.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, repo_dir.join("blobs")).unwrap();
+    let message = hub(&server, &cache).fetch(&id).unwrap_err().to_string();
+    assert!(
+        message.contains("symbolic link") && message.contains("blobs"),
+        "{message}"
+    );
+    assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none());
+    std::fs::remove_file(repo_dir.join("blobs")).unwrap();
+    std::fs::remove_dir(&elsewhere).unwrap();
+
+    // A complete download, then config.json replaced by a link to a file
+    // outside the cache.
+    let snapshot = hub(&server, &cache).fetch(&id).expect("download");
+    let config = snapshot.dir.join("config.json");
+    std::fs::remove_file(&config).unwrap();
+    std::os::unix::fs::symlink(parent.path().join("precious.txt"), &config).unwrap();
+    let mut options = HubOptions::new(server.endpoint.clone(), &cache);
+    options.offline = true;
+    let message = Hub::new(options)
+        .unwrap()
+        .fetch(&id)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("config.json"), "{message}");
+    let snapshot = hub(&server, &cache).fetch(&id).expect("repaired");
+    assert_fence_holds(parent.path());
+    assert!(std::fs::canonicalize(snapshot.dir.join("config.json"))
+        .unwrap()
+        .starts_with(std::fs::canonicalize(repo_dir.join("blobs")).unwrap()));
+    assert_loads_and_matches(&snapshot.dir);
 }

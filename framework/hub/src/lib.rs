@@ -2,12 +2,17 @@
 //! local directory holding only the files a model needs, in the standard hub
 //! cache (`$HF_HOME/hub`, shared with Python's `huggingface_hub`).
 //!
-//! Downloads go through [`hf_hub`]'s blocking client (resumable `.part`
-//! files, retries with back-off, progress bars); this crate adds the choice
-//! of files ([`FilePlan`]), a size and SHA-256 check of every download
-//! against the hub's listing (a corrupt copy is removed, never served), the
-//! offline mode, a fallback to the cache when the hub is unreachable, and
-//! errors that say what to do (`HF_TOKEN` for gated repositories, ...).
+//! Downloads are resumable `.part` files in the cache's `blobs/`, retried
+//! with back-off, with progress bars, laid out as `huggingface_hub` lays them
+//! out (blobs named by hash, snapshot entries linking to them); this crate
+//! adds the choice of files ([`FilePlan`]), a size and SHA-256 check of every
+//! download against the hub's listing (a corrupt copy is removed, never
+//! served), the offline mode, a fallback to the cache when the hub is
+//! unreachable, errors that say what to do (`HF_TOKEN` for gated
+//! repositories, ...), and distrust of the server (see `transfer`): names it
+//! sends must be hashes before they become paths, the token stays on the
+//! endpoint's origin, bodies are bounded and reads time out, and nothing in
+//! the cache is followed through a planted symbolic link.
 //!
 //! ```no_run
 //! use mlx_zoo_hub::{Hub, HubOptions, RepoId};
@@ -23,18 +28,19 @@ mod error;
 mod files;
 mod options;
 mod repo_id;
+mod transfer;
 
 pub use error::HubError;
 pub use files::{shards_of_index, FilePlan, SIDE_FILES};
 pub use options::{HubOptions, DEFAULT_ENDPOINT};
 pub use repo_id::RepoId;
 
-use hf_hub::api::sync::{Api, ApiBuilder, ApiError, ApiRepo};
-use hf_hub::{Repo, RepoType};
+use hf_hub::Repo;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use transfer::{blob_name, is_safe_relative_path, read_body, Failure, Transfer};
 
 /// A repository revision available on disk.
 #[derive(Debug, Clone)]
@@ -109,28 +115,20 @@ struct Lfs {
 /// A client for one hub endpoint and cache.
 pub struct Hub {
     options: HubOptions,
-    api: Api,
+    transfer: Transfer,
 }
+
+/// A repository listing larger than this is refused.
+const LISTING_SIZE_LIMIT: u64 = 64 << 20;
+
+/// Bodies of unlisted size are refused past this many bytes.
+const UNLISTED_SIZE_LIMIT: u64 = 1 << 40;
 
 impl Hub {
     /// A client with these settings (no network traffic yet).
     pub fn new(options: HubOptions) -> Result<Self, HubError> {
-        // `ApiBuilder::new` would look up the home directory (and panic
-        // without one); the cache directory is already decided.
-        let api = ApiBuilder::from_cache(hf_hub::Cache::new(options.cache_dir.clone()))
-            .with_endpoint(options.endpoint.clone())
-            .with_token(options.token.clone())
-            // Retries are ours (`fetch_file`): hf-hub 0.4's own loop reports
-            // failure even when its last attempt succeeds.
-            .with_retries(0)
-            .with_progress(false)
-            .with_user_agent("mlx-zoo", env!("CARGO_PKG_VERSION"))
-            .build()
-            .map_err(|e| HubError::Protocol {
-                url: options.endpoint.clone(),
-                message: format!("cannot set up the HTTP client: {e}"),
-            })?;
-        Ok(Self { options, api })
+        let transfer = Transfer::new(&options.endpoint, options.token.clone(), options.timeout);
+        Ok(Self { options, transfer })
     }
 
     /// The settings in use.
@@ -172,16 +170,11 @@ impl Hub {
             .map(|s| s.rfilename.clone())
             .collect();
         let plan = FilePlan::from_listing(&id.repo, &names)?;
-        let repo = self.api.repo(Repo::with_revision(
-            id.repo.clone(),
-            RepoType::Model,
-            listing.sha.clone(),
-        ));
         let dir = self.repo_dir(id).join("snapshots").join(&listing.sha);
         let mut files = plan.files.clone();
         let mut downloaded_bytes = 0;
         if let Some(index) = &plan.index {
-            downloaded_bytes += self.fetch_file(&repo, id, &listing, &dir, index)?;
+            downloaded_bytes += self.fetch_file(id, &listing, &dir, index)?;
             let shards = shards_of_index(&dir.join(index))?;
             if let Some(missing) = shards.iter().find(|s| !names.contains(s)) {
                 return Err(HubError::FileNotFound {
@@ -196,12 +189,9 @@ impl Hub {
         }
         for file in &files {
             if Some(file) != plan.index.as_ref() {
-                downloaded_bytes += self.fetch_file(&repo, id, &listing, &dir, file)?;
+                downloaded_bytes += self.fetch_file(id, &listing, &dir, file)?;
             }
         }
-        // hf-hub records the commit it was given as a ref of its own name;
-        // the cache keeps refs for branches and tags only, as Python's does.
-        let _ = std::fs::remove_file(self.repo_dir(id).join("refs").join(&listing.sha));
         if !id.is_commit() {
             self.write_ref(id, &listing.sha)?;
         }
@@ -253,10 +243,11 @@ impl Hub {
             }
         };
         let dir = repo_dir.join("snapshots").join(&commit);
+        self.refuse_links(id, &dir)?;
         let present: Vec<String> = match std::fs::read_dir(&dir) {
             Ok(entries) => entries
                 .filter_map(|entry| entry.ok())
-                .filter(|entry| entry.path().is_file())
+                .filter(|entry| entry.path().is_file() && self.entry_inside(id, &entry.path()))
                 .filter_map(|entry| entry.file_name().into_string().ok())
                 .collect(),
             Err(_) => return Err(not_cached(vec!["every file (never downloaded)".into()])),
@@ -295,18 +286,21 @@ impl Hub {
     }
 
     fn listing(&self, id: &RepoId) -> Result<Listing, HubError> {
-        let repo = self.api.repo(Repo::with_revision(
-            id.repo.clone(),
-            RepoType::Model,
-            id.revision().to_string(),
-        ));
-        let request = repo.info_request().query("blobs", "true");
-        let url = request.url().to_string();
+        let url = format!(
+            "{}/api/models/{}/revision/{}?blobs=true",
+            self.options.endpoint,
+            id.repo,
+            id.revision()
+        );
         tracing::debug!("GET {url}");
-        let response = request
-            .call()
-            .map_err(|e| self.request_error(id, None, &url, e))?;
-        let listing: Listing = response.into_json().map_err(|e| HubError::Protocol {
+        let answer = self
+            .transfer
+            .get(&url, 0)
+            .map_err(|failure| self.failure(id, None, &url, failure))?;
+        let mut body = Vec::new();
+        read_body(answer.response, LISTING_SIZE_LIMIT, &mut body, &mut |_| {})
+            .map_err(|failure| self.failure(id, None, &url, failure))?;
+        let listing: Listing = serde_json::from_slice(&body).map_err(|e| HubError::Protocol {
             url: url.clone(),
             message: format!("the repository listing is not the expected JSON: {e}"),
         })?;
@@ -316,6 +310,19 @@ impl Hub {
                 message: format!("`sha` is not a commit hash: {:?}", listing.sha),
             });
         }
+        if let Some(bad) = listing
+            .siblings
+            .iter()
+            .find(|s| !is_safe_relative_path(&s.rfilename))
+        {
+            return Err(HubError::Protocol {
+                url,
+                message: format!(
+                    "the listing names a file outside the repository: {:?}",
+                    bad.rfilename
+                ),
+            });
+        }
         Ok(listing)
     }
 
@@ -323,7 +330,6 @@ impl Hub {
     /// bytes downloaded.
     fn fetch_file(
         &self,
-        repo: &ApiRepo,
         id: &RepoId,
         listing: &Listing,
         dir: &Path,
@@ -331,6 +337,14 @@ impl Hub {
     ) -> Result<u64, HubError> {
         let expected = listing.siblings.iter().find(|s| s.rfilename == file);
         let pointer = dir.join(file);
+        self.refuse_links(id, pointer.parent().unwrap_or(dir))?;
+        if !self.entry_inside(id, &pointer) {
+            tracing::warn!(
+                "{} links outside the cache's blobs; replacing the link",
+                pointer.display()
+            );
+            let _ = std::fs::remove_file(&pointer);
+        }
         if pointer.is_file() {
             match verify(&pointer, expected, false) {
                 Ok(()) => return Ok(0),
@@ -339,38 +353,35 @@ impl Hub {
                         "cached {file} of {} is damaged ({reason}); downloading it again",
                         id.repo
                     );
-                    remove_cached(&pointer);
+                    self.remove_cached(id, &pointer);
                 }
             }
         }
-        let url = repo.url(file);
+        let url = format!(
+            "{}/{}/resolve/{}/{file}",
+            self.options.endpoint, id.repo, listing.sha
+        );
         let mut attempt = 0;
-        let path = loop {
-            self.discard_unresumable_part(id, expected);
-            let bar = if self.options.progress {
-                ProgressBar::new(0)
-            } else {
-                ProgressBar::hidden()
-            };
+        loop {
             tracing::debug!("GET {url}");
-            match repo.download_with_progress(file, Bar(bar)) {
-                Ok(path) => break path,
-                Err(error) => {
-                    let error = self.api_error(id, Some(file), &url, error);
-                    if !error.is_connection() {
-                        return Err(error);
-                    }
-                    if attempt == self.options.retries {
-                        return Err(match error {
-                            HubError::Connection { url, message } if attempt > 0 => {
-                                HubError::Connection {
-                                    url,
-                                    message: format!("{message} (gave up after {attempt} retries)"),
-                                }
+            match self.download(id, listing, expected, file, &url, &pointer) {
+                Ok(size) => {
+                    tracing::info!("downloaded {file} of {} ({size} bytes)", id.repo);
+                    return Ok(size);
+                }
+                Err(error) if !error.is_connection() => return Err(error),
+                Err(error) if attempt == self.options.retries => {
+                    return Err(match error {
+                        HubError::Connection { url, message } if attempt > 0 => {
+                            HubError::Connection {
+                                url,
+                                message: format!("{message} (gave up after {attempt} retries)"),
                             }
-                            other => other,
-                        });
-                    }
+                        }
+                        other => other,
+                    });
+                }
+                Err(error) => {
                     attempt += 1;
                     tracing::warn!("{error}; retrying ({attempt}/{})", self.options.retries);
                     std::thread::sleep(std::time::Duration::from_millis(
@@ -378,50 +389,240 @@ impl Hub {
                     ));
                 }
             }
-        };
-        if path != pointer {
-            let found = path
-                .parent()
-                .and_then(Path::file_name)
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            return Err(HubError::RevisionMoved {
-                repo: id.repo.clone(),
-                revision: id.revision().to_string(),
-                expected: listing.sha.clone(),
-                found,
-            });
         }
-        if let Err(reason) = verify(&pointer, expected, true) {
-            remove_cached(&pointer);
+    }
+
+    /// One attempt at `file`: resumes `blobs/<hash>.part` where the listing
+    /// names the blob, checks what the server says against the listing,
+    /// verifies the result, moves it to `blobs/<hash>` and links the
+    /// snapshot entry to it. Returns the file's size.
+    fn download(
+        &self,
+        id: &RepoId,
+        listing: &Listing,
+        expected: Option<&Sibling>,
+        file: &str,
+        url: &str,
+        pointer: &Path,
+    ) -> Result<u64, HubError> {
+        let blobs = self.repo_dir(id).join("blobs");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| HubError::Io { path, source }
+        };
+        std::fs::create_dir_all(&blobs).map_err(io(&blobs))?;
+        self.refuse_links(id, &blobs)?;
+        let listed_blob = expected.and_then(Sibling::etag).and_then(blob_name);
+        let listed_size = expected.and_then(Sibling::size);
+        let part = blobs.join(match &listed_blob {
+            Some(blob) => format!("{blob}.part"),
+            None => format!(".unlisted-{}.part", std::process::id()),
+        });
+        let mut offset = match (&listed_blob, std::fs::symlink_metadata(&part)) {
+            (Some(_), Ok(meta))
+                if meta.is_file() && listed_size.is_some_and(|s| meta.len() < s) =>
+            {
+                meta.len()
+            }
+            (_, Ok(_)) => {
+                // Nothing to resume (complete, too long, unlisted or not a
+                // plain file): start over.
+                std::fs::remove_file(&part).map_err(io(&part))?;
+                0
+            }
+            (_, Err(_)) => 0,
+        };
+        let answer = self
+            .transfer
+            .get(url, offset)
+            .map_err(|failure| self.failure(id, Some(file), url, failure))?;
+        let protocol = |message: String| HubError::Protocol {
+            url: url.to_string(),
+            message,
+        };
+        if let Some(commit) = &answer.commit {
+            if *commit != listing.sha {
+                return Err(HubError::RevisionMoved {
+                    repo: id.repo.clone(),
+                    revision: id.revision().to_string(),
+                    expected: listing.sha.clone(),
+                    found: format!("{commit:?}"),
+                });
+            }
+        }
+        let blob = match answer.etag.as_deref().map(|etag| (etag, blob_name(etag))) {
+            Some((_, Some(blob))) => blob,
+            Some((etag, None)) => {
+                return Err(protocol(format!(
+                    "the ETag of {file} is not a blob hash: {etag:?}"
+                )))
+            }
+            None => return Err(protocol(format!("no ETag for {file}"))),
+        };
+        if listed_blob.as_ref().is_some_and(|listed| *listed != blob) {
+            return Err(protocol(format!(
+                "the ETag of {file} ({blob}) is not the blob the listing names ({})",
+                listed_blob.unwrap_or_default()
+            )));
+        }
+        match answer.response.status() {
+            206 if offset > 0 => {
+                let start = answer
+                    .response
+                    .header("content-range")
+                    .and_then(|r| r.strip_prefix("bytes "))
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|s| s.trim().parse::<u64>().ok());
+                if start != Some(offset) {
+                    return Err(protocol(format!(
+                        "asked for {file} from byte {offset}, got {:?}",
+                        answer.response.header("content-range")
+                    )));
+                }
+            }
+            200 => offset = 0,
+            status => {
+                return Err(protocol(format!("HTTP {status} for {file}")));
+            }
+        }
+        let limit = listed_size.map_or(UNLISTED_SIZE_LIMIT, |size| size - offset.min(size));
+        let mut sink = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(offset > 0)
+            .truncate(offset == 0)
+            .open(&part)
+            .map_err(io(&part))?;
+        let bar = self.progress_bar(file, listed_size, offset);
+        let read = read_body(answer.response, limit, &mut sink, &mut |n| bar.inc(n));
+        bar.finish_and_clear();
+        if let Err(failure) = read {
+            if matches!(failure, Failure::Protocol(_)) {
+                let _ = std::fs::remove_file(&part);
+            }
+            return Err(self.failure(id, Some(file), url, failure));
+        }
+        sink.sync_all().map_err(io(&part))?;
+        drop(sink);
+        if let Err(reason) = verify(&part, expected, true) {
+            let _ = std::fs::remove_file(&part);
             return Err(HubError::Integrity {
                 repo: id.repo.clone(),
                 file: file.to_string(),
                 reason,
             });
         }
-        let size = std::fs::metadata(&pointer).map(|m| m.len()).unwrap_or(0);
-        tracing::info!("downloaded {file} of {} ({size} bytes)", id.repo);
-        Ok(size)
+        let blob_path = blobs.join(&blob);
+        std::fs::rename(&part, &blob_path).map_err(io(&blob_path))?;
+        self.link(pointer, file, &blob)?;
+        std::fs::metadata(&blob_path)
+            .map(|m| m.len())
+            .map_err(io(&blob_path))
     }
 
-    /// Deletes a partial download that cannot be resumed (as large as the
-    /// file or larger: a byte range starting at its end is not satisfiable).
-    fn discard_unresumable_part(&self, id: &RepoId, expected: Option<&Sibling>) {
-        let Some(expected) = expected else { return };
-        let (Some(etag), Some(size)) = (expected.etag(), expected.size()) else {
-            return;
+    /// `snapshots/<commit>/<file>` -> `../../blobs/<blob>` (relative, as
+    /// `huggingface_hub` links; a copy where links are not supported).
+    fn link(&self, pointer: &Path, file: &str, blob: &str) -> Result<(), HubError> {
+        let io = |source| HubError::Io {
+            path: pointer.to_path_buf(),
+            source,
         };
-        let part = self.repo_dir(id).join("blobs").join(format!("{etag}.part"));
-        if std::fs::metadata(&part).is_ok_and(|m| m.len() >= size) {
-            tracing::debug!("discarding {}: nothing left to resume", part.display());
-            let _ = std::fs::remove_file(&part);
+        if let Some(parent) = pointer.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
         }
+        if std::fs::symlink_metadata(pointer).is_ok() {
+            std::fs::remove_file(pointer).map_err(io)?;
+        }
+        let depth = file.matches('/').count();
+        let target = format!("{}../../blobs/{blob}", "../".repeat(depth));
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&target, pointer).map_err(io)?;
+        #[cfg(not(unix))]
+        std::fs::copy(pointer.parent().unwrap_or(pointer).join(&target), pointer).map_err(io)?;
+        Ok(())
+    }
+
+    /// Refuses `path` when it, or a folder between the repository's folder
+    /// in the cache and it, is a symbolic link: a planted link would send
+    /// writes and deletions outside the cache.
+    fn refuse_links(&self, id: &RepoId, path: &Path) -> Result<(), HubError> {
+        let root = self.repo_dir(id);
+        let Ok(inside) = path.strip_prefix(&root) else {
+            return Ok(());
+        };
+        let mut current = root.clone();
+        let check = |current: &Path| match std::fs::symlink_metadata(current) {
+            Ok(meta) if meta.file_type().is_symlink() => Err(HubError::Io {
+                path: current.to_path_buf(),
+                source: std::io::Error::other(
+                    "a symbolic link inside the hub cache; refusing to follow it (remove it)",
+                ),
+            }),
+            _ => Ok(()),
+        };
+        check(&current)?;
+        for part in inside.components() {
+            current.push(part);
+            check(&current)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the snapshot entry `pointer` (if there) is a plain file or a
+    /// link into this repository's `blobs/`: a link planted elsewhere would
+    /// make a load read outside the cache.
+    fn entry_inside(&self, id: &RepoId, pointer: &Path) -> bool {
+        match std::fs::symlink_metadata(pointer) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let blobs = self.repo_dir(id).join("blobs");
+                match (
+                    std::fs::canonicalize(pointer),
+                    std::fs::canonicalize(&blobs),
+                ) {
+                    (Ok(target), Ok(blobs)) => target.parent() == Some(blobs.as_path()),
+                    // A dangling link reads nothing; it is replaced.
+                    _ => false,
+                }
+            }
+            _ => true,
+        }
+    }
+
+    /// Removes a snapshot entry and, when it links to a blob of this
+    /// repository, that blob (a link pointing anywhere else is only
+    /// unlinked).
+    fn remove_cached(&self, id: &RepoId, pointer: &Path) {
+        if let Ok(target) = std::fs::read_link(pointer) {
+            let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if blob_name(name).as_deref() == Some(name) {
+                let blob = self.repo_dir(id).join("blobs").join(name);
+                if std::fs::symlink_metadata(&blob).is_ok_and(|m| m.is_file()) {
+                    let _ = std::fs::remove_file(blob);
+                }
+            }
+        }
+        let _ = std::fs::remove_file(pointer);
+    }
+
+    fn progress_bar(&self, file: &str, size: Option<u64>, done: u64) -> ProgressBar {
+        if !self.options.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(size.unwrap_or(0));
+        if let Ok(style) = ProgressStyle::with_template(
+            "{msg:>28} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(file.to_string());
+        bar.set_position(done);
+        bar
     }
 
     /// Points `refs/<revision>` at `commit` (temp file + rename).
     fn write_ref(&self, id: &RepoId, commit: &str) -> Result<(), HubError> {
         let path = self.repo_dir(id).join("refs").join(id.revision());
+        self.refuse_links(id, path.parent().unwrap_or(&path))?;
         let io = |source| HubError::Io {
             path: path.clone(),
             source,
@@ -437,34 +638,21 @@ impl Hub {
         std::fs::rename(&temp, &path).map_err(io)
     }
 
-    fn api_error(&self, id: &RepoId, file: Option<&str>, url: &str, error: ApiError) -> HubError {
-        match error {
-            ApiError::RequestError(error) => self.request_error(id, file, url, *error),
-            ApiError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                HubError::Connection {
-                    url: url.to_string(),
-                    message: "the connection closed before the whole file arrived".into(),
-                }
-            }
-            ApiError::IoError(e) => HubError::Io {
-                path: self.repo_dir(id),
-                source: e,
-            },
-            ApiError::LockAcquisition(path) => HubError::Io {
-                path,
-                source: std::io::Error::other("another process is downloading this file"),
-            },
-            ApiError::InvalidResume => HubError::Integrity {
-                repo: id.repo.clone(),
-                file: file.unwrap_or_default().to_string(),
-                reason: format!(
-                    "a partial download in {} is larger than the file; delete the `.part` files there",
-                    self.repo_dir(id).join("blobs").display()
-                ),
-            },
-            other => HubError::Protocol {
+    fn failure(&self, id: &RepoId, file: Option<&str>, url: &str, failure: Failure) -> HubError {
+        match failure {
+            Failure::Connection(message) => HubError::Connection {
                 url: url.to_string(),
-                message: other.to_string(),
+                message,
+            },
+            Failure::Status(response) => self.request_error(
+                id,
+                file,
+                url,
+                ureq::Error::Status(response.status(), *response),
+            ),
+            Failure::Protocol(message) => HubError::Protocol {
+                url: url.to_string(),
+                message,
             },
         }
     }
@@ -583,38 +771,4 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect())
-}
-
-/// Removes a snapshot entry and the blob it links to.
-fn remove_cached(pointer: &Path) {
-    if let Ok(blob) = std::fs::canonicalize(pointer) {
-        let _ = std::fs::remove_file(blob);
-    }
-    let _ = std::fs::remove_file(pointer);
-}
-
-/// A progress bar in the style of `huggingface_hub`'s.
-struct Bar(ProgressBar);
-
-impl hf_hub::api::Progress for Bar {
-    fn init(&mut self, size: usize, filename: &str) {
-        if let Ok(style) = ProgressStyle::with_template(
-            "{msg:>28} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})",
-        ) {
-            self.0.set_style(style.progress_chars("=> "));
-        }
-        self.0.set_length(size as u64);
-        // hf-hub calls `init` again when it resumes, then reports the bytes
-        // already on disk through `update`.
-        self.0.set_position(0);
-        self.0.set_message(filename.to_string());
-    }
-
-    fn update(&mut self, size: usize) {
-        self.0.inc(size as u64);
-    }
-
-    fn finish(&mut self) {
-        self.0.finish();
-    }
 }

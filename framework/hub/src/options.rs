@@ -1,8 +1,10 @@
 //! Where the hub is and where its files go, read from the same environment
 //! variables as Python's `huggingface_hub`: `HF_ENDPOINT`, `HF_HOME`,
-//! `HF_HUB_CACHE`, `HF_TOKEN`, `HF_HUB_OFFLINE`, `HF_HUB_DISABLE_PROGRESS_BARS`.
+//! `HF_HUB_CACHE`, `HF_TOKEN`, `HF_HUB_OFFLINE`, `HF_HUB_DISABLE_PROGRESS_BARS`,
+//! `HF_HUB_DOWNLOAD_TIMEOUT`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The public hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -22,7 +24,13 @@ pub struct HubOptions {
     pub progress: bool,
     /// How many times a broken download resumes before giving up.
     pub retries: usize,
+    /// How long a connection may take to open, and a read may wait for the
+    /// next bytes, before the attempt counts as broken (a stalled server).
+    pub timeout: Duration,
 }
+
+/// `huggingface_hub`'s default `HF_HUB_DOWNLOAD_TIMEOUT`, in seconds.
+pub const DEFAULT_TIMEOUT_SECONDS: u64 = 10;
 
 impl HubOptions {
     /// Settings from the environment, with the defaults of `huggingface_hub`.
@@ -59,6 +67,11 @@ impl HubOptions {
             offline: var("HF_HUB_OFFLINE").is_some_and(|v| is_true(&v)),
             progress: !var("HF_HUB_DISABLE_PROGRESS_BARS").is_some_and(|v| is_true(&v)),
             retries: 3,
+            timeout: var("HF_HUB_DOWNLOAD_TIMEOUT")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
+                .unwrap_or(Duration::from_secs(DEFAULT_TIMEOUT_SECONDS)),
         }
     }
 
@@ -72,6 +85,7 @@ impl HubOptions {
             offline: false,
             progress: false,
             retries: 3,
+            timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECONDS),
         }
     }
 }
