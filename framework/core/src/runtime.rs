@@ -417,3 +417,47 @@ mod blas_thread_tests {
         assert!(!width.is_empty(), "mlx-sys sets MLX_BFS_MAX_WIDTH at load");
     }
 }
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_others_are_named() {
+        for (text, choice) in [
+            ("", DeviceChoice::Auto),
+            (" Auto ", DeviceChoice::Auto),
+            ("cpu", DeviceChoice::Cpu),
+            ("GPU", DeviceChoice::Gpu),
+            ("cuda", DeviceChoice::Gpu),
+            ("metal", DeviceChoice::Gpu),
+        ] {
+            assert_eq!(text.parse::<DeviceChoice>().unwrap(), choice, "{text:?}");
+        }
+        let message = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
+        assert!(message.contains("`tpu`") && message.contains("cpu, gpu or auto"));
+    }
+
+    /// On a build without a GPU (CI's), `auto` and `cpu` select the CPU and
+    /// `gpu` is refused with what to do; on a GPU build, `gpu` selects it.
+    #[test]
+    fn selection_follows_what_the_build_has() {
+        let gpu = gpu_info().is_some();
+        assert_eq!(select_device(DeviceChoice::Cpu).unwrap(), "cpu");
+        assert!(on_cpu());
+        match select_device(DeviceChoice::Gpu) {
+            Ok(device) => {
+                assert!(gpu);
+                assert_eq!(device, "gpu");
+                assert!(!on_cpu());
+            }
+            Err(error) => {
+                assert!(!gpu);
+                assert!(error.to_string().contains("no GPU"), "{error}");
+            }
+        }
+        let auto = select_device(DeviceChoice::Auto).unwrap();
+        assert_eq!(auto, if gpu { "gpu" } else { "cpu" });
+        select_device(DeviceChoice::Cpu).unwrap();
+    }
+}
