@@ -195,14 +195,8 @@ fn trim_metrics(path: &Path, step: usize) -> Result<()> {
     if kept.concat() == text {
         return Ok(());
     }
-    let temp = path.with_extension("jsonl.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(kept.concat().as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    };
-    write().with_context(|| format!("trimming {} to step {step}", path.display()))
+    mlx_zoo::atomic::write_bytes(path, kept.concat().as_bytes())
+        .with_context(|| format!("trimming {} to step {step}", path.display()))
 }
 
 impl TrainHooks for Progress {
@@ -468,8 +462,9 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         "steps": summary.steps, "first_loss": summary.first_loss, "last_loss": summary.last_loss,
         "valid_loss": summary.valid_loss, "checkpoint": summary.checkpoint, "outputs": written,
     });
-    std::fs::write(args.out.join("summary.json"), format!("{summary_json:#}\n"))
-        .with_context(|| format!("writing {}", args.out.join("summary.json").display()))?;
+    let summary_path = args.out.join("summary.json");
+    mlx_zoo::atomic::write_bytes(&summary_path, format!("{summary_json:#}\n").as_bytes())
+        .with_context(|| format!("writing {}", summary_path.display()))?;
     println!(
         "trained {} steps: loss {} -> {}{}",
         summary.steps,

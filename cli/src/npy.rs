@@ -26,26 +26,17 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
     header.push('\n');
 
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    mlx_zoo::atomic::write_with(path, |temp| -> std::io::Result<()> {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(temp)?);
         out.write_all(b"\x93NUMPY\x01\x00")?;
         out.write_all(&(header.len() as u16).to_le_bytes())?;
         out.write_all(header.as_bytes())?;
         for value in data {
             out.write_all(&value.to_le_bytes())?;
         }
-        out.into_inner()?.sync_all()
-    };
-    if let Err(e) = write().and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
+        out.into_inner().map_err(|e| e.into_error())?.flush()
+    })
+    .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

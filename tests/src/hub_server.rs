@@ -193,17 +193,28 @@ fn read_request(stream: &TcpStream) -> Option<Request> {
 }
 
 fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    write_head(stream, status, headers, Some(body.len()));
+    let _ = stream.write_all(body);
+    let _ = stream.flush();
+}
+
+/// Writes a response's head: the status, `Connection: close`, the length
+/// when given, and `headers`.
+fn write_head(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    length: Option<usize>,
+) {
+    let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+    if let Some(length) = length {
+        head.push_str(&format!("Content-Length: {length}\r\n"));
+    }
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
     let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body);
-    let _ = stream.flush();
 }
 
 fn error(stream: &mut TcpStream, status: &str, code: &str, message: &str) {
@@ -397,15 +408,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) {
     };
     match fault {
         Some(Fault::DropAfter(sent)) => {
-            let mut head = format!(
-                "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
-                body.len()
-            );
-            for (name, value) in &headers {
-                head.push_str(&format!("{name}: {value}\r\n"));
-            }
-            head.push_str("\r\n");
-            let _ = stream.write_all(head.as_bytes());
+            write_head(&mut stream, status, &headers, Some(body.len()));
             let _ = stream.write_all(&body[..sent.min(body.len())]);
             let _ = stream.flush();
             let _ = stream.shutdown(Shutdown::Both);
@@ -436,12 +439,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) {
             respond(&mut stream, status, &headers, &body);
         }
         Some(Fault::Endless) => {
-            let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
-            for (name, value) in &headers {
-                head.push_str(&format!("{name}: {value}\r\n"));
-            }
-            head.push_str("\r\n");
-            let _ = stream.write_all(head.as_bytes());
+            write_head(&mut stream, status, &headers, None);
             let chunk = vec![0u8; 1 << 16];
             // Until the client hangs up (a write fails), with a bound so a
             // client that never stops cannot keep the test running forever.
@@ -452,15 +450,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) {
             }
         }
         Some(Fault::Stall(pause)) => {
-            let mut head = format!(
-                "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
-                body.len()
-            );
-            for (name, value) in &headers {
-                head.push_str(&format!("{name}: {value}\r\n"));
-            }
-            head.push_str("\r\n");
-            let _ = stream.write_all(head.as_bytes());
+            write_head(&mut stream, status, &headers, Some(body.len()));
             let _ = stream.flush();
             std::thread::sleep(pause);
         }

@@ -687,7 +687,6 @@ pub fn save_adapter(
         }
     };
     let weights_path = dir.join(weights_name);
-    let tmp = dir.join(format!(".tmp-{}-{weights_name}", std::process::id()));
     let metadata: std::collections::HashMap<String, String> = [(
         "format".to_owned(),
         if format == AdapterFormat::Peft {
@@ -698,24 +697,14 @@ pub fn save_adapter(
         .to_owned(),
     )]
     .into();
-    Array::save_safetensors(tensors.iter(), &metadata, &tmp).map_err(|e| Error::Io {
-        path: tmp.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    std::fs::rename(&tmp, &weights_path).map_err(|source| Error::Io {
-        path: weights_path.clone(),
-        source,
-    })?;
+    mlx_zoo_core::export::save_safetensors_atomically(tensors.iter(), &metadata, &weights_path)?;
     let config_path = dir.join("adapter_config.json");
-    let config_tmp = dir.join(format!(".tmp-{}-adapter_config.json", std::process::id()));
     let text = serde_json::to_string_pretty(&config).unwrap_or_default();
-    std::fs::write(&config_tmp, text).map_err(|source| Error::Io {
-        path: config_tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&config_tmp, &config_path).map_err(|source| Error::Io {
-        path: config_path.clone(),
-        source,
+    mlx_zoo_core::atomic::write_bytes(&config_path, text.as_bytes()).map_err(|source| {
+        Error::Io {
+            path: config_path.clone(),
+            source,
+        }
     })?;
     Ok(vec![weights_path, config_path])
 }

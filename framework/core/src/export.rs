@@ -54,11 +54,24 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary sibling.
+/// Writes `bytes` to `path` whole or not at all.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    crate::atomic::write_bytes(path, bytes).map_err(io(path))
+}
+
+/// Saves `tensors` as a safetensors file at `path`, whole or not at all.
+pub fn save_safetensors_atomically<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a Array)>,
+    metadata: &HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    crate::atomic::write_with(path, |temp| {
+        Array::save_safetensors(tensors, metadata, temp)
+    })
+    .map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 fn tensor_bytes(array: &Array) -> u64 {
@@ -115,12 +128,7 @@ pub fn save_mlx_model(
             format!("model-{:05}-of-{count:05}.safetensors", index + 1)
         };
         let path = out_dir.join(&name);
-        let tmp = out_dir.join(format!(".tmp-{}-{name}", std::process::id()));
-        Array::save_safetensors(shard.iter(), &metadata, &tmp).map_err(|e| Error::Io {
-            path: tmp.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        save_safetensors_atomically(shard.iter(), &metadata, &path)?;
         for (tensor, array) in shard {
             weight_map.insert(tensor.clone(), json!(name));
             total += tensor_bytes(array);

@@ -20,6 +20,7 @@
 
 pub mod adapter;
 pub mod architecture;
+pub mod atomic;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;

@@ -16,7 +16,7 @@
 
 use crate::batch::Batch;
 use crate::error::{Result, TrainError};
-use crate::loss::masked_cross_entropy;
+use crate::trainer::loss_and_grad_graph;
 use mlx_rs::error::Exception;
 use mlx_rs::module::{FlattenedModuleParam, ModuleParameters};
 use mlx_rs::Array;
@@ -152,27 +152,7 @@ fn build_loss_and_grad(
     names: &[Rc<str>],
     data: &[Array],
 ) -> std::result::Result<Vec<Array>, Exception> {
-    let (inputs, targets, mask) = (&data[0], &data[1], &data[2]);
-    let segments = data.get(3).cloned();
-    let loss_fn = |model: &mut &mut dyn CausalLm,
-                   (inputs, targets, mask): (Array, Array, Array)|
-     -> std::result::Result<Vec<Array>, Exception> {
-        let logits = match &segments {
-            Some(segments) => model.forward_packed(&inputs, segments),
-            None => model.forward(&inputs, None),
-        }
-        .map_err(|e| Exception::custom(e.to_string()))?;
-        let (loss, count) = masked_cross_entropy(&logits, &targets, &mask)?;
-        Ok(vec![loss, count])
-    };
-    let mut value_and_grad = mlx_rs::nn::value_and_grad(loss_fn);
-    let mut model = model;
-    let (values, grads) =
-        value_and_grad(&mut model, (inputs.clone(), targets.clone(), mask.clone()))?;
-    let loss = values
-        .into_iter()
-        .next()
-        .ok_or_else(|| Exception::custom("the loss function returned nothing"))?;
+    let (loss, grads) = loss_and_grad_graph(model, &data[0], &data[1], &data[2], data.get(3))?;
     let mut outputs = vec![loss];
     for name in names {
         let grad = grads

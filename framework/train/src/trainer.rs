@@ -204,10 +204,29 @@ fn lazy_loss_and_grad(
     model: &mut dyn CausalLm,
     batch: &Batch,
 ) -> Result<(Array, FlattenedModuleParam)> {
-    let segments = batch.segments.clone();
+    Ok(loss_and_grad_graph(
+        model,
+        &batch.inputs,
+        &batch.targets,
+        &batch.mask,
+        batch.segments.as_ref(),
+    )?)
+}
+
+/// The graph of the mean masked loss of `inputs` (packed rows when
+/// `segments` is given) and its gradients with respect to the model's
+/// trainable parameters; shared by the plain and the compiled step.
+pub(crate) fn loss_and_grad_graph(
+    model: &mut dyn CausalLm,
+    inputs: &Array,
+    targets: &Array,
+    mask: &Array,
+    segments: Option<&Array>,
+) -> std::result::Result<(Array, FlattenedModuleParam), Exception> {
+    let segments = segments.cloned();
     let loss_fn = |model: &mut &mut dyn CausalLm,
                    (inputs, targets, mask): (Array, Array, Array)|
-     -> Result<Vec<Array>, Exception> {
+     -> std::result::Result<Vec<Array>, Exception> {
         let logits = match &segments {
             Some(segments) => model.forward_packed(&inputs, segments),
             None => model.forward(&inputs, None),
@@ -218,18 +237,12 @@ fn lazy_loss_and_grad(
     };
     let mut value_and_grad = mlx_rs::nn::value_and_grad(loss_fn);
     let mut model = model;
-    let (values, grads) = value_and_grad(
-        &mut model,
-        (
-            batch.inputs.clone(),
-            batch.targets.clone(),
-            batch.mask.clone(),
-        ),
-    )?;
+    let (values, grads) =
+        value_and_grad(&mut model, (inputs.clone(), targets.clone(), mask.clone()))?;
     let loss = values
         .into_iter()
         .next()
-        .ok_or_else(|| TrainError::InvalidSetting("the loss function returned nothing".into()))?;
+        .ok_or_else(|| Exception::custom("the loss function returned nothing"))?;
     Ok((loss, grads))
 }
 
