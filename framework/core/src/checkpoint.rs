@@ -335,7 +335,7 @@ impl Checkpoint {
                     "tensor {name}: storage {entry_name} is compressed"
                 )));
             }
-            let item = crate::export::dtype_size(&tensor.dtype).ok_or_else(|| {
+            let item = crate::stored_dtype::dtype_size(&tensor.dtype).ok_or_else(|| {
                 bad(format!(
                     "tensor {name}: dtype {} is not supported",
                     tensor.dtype
@@ -420,9 +420,9 @@ impl Checkpoint {
             };
             let data =
                 read_entry(&mut entry, bytes.len()).map_err(|m| bad(format!("{name}.npy: {m}")))?;
-            let (header_len, dtype, shape) = crate::export::parse_npy_header(&data)
+            let (header_len, dtype, shape) = crate::stored_dtype::parse_npy_header(&data)
                 .map_err(|m| bad(format!("{name}.npy: {m}")))?;
-            let item = crate::export::dtype_size(&dtype).unwrap_or(1);
+            let item = crate::stored_dtype::dtype_size(&dtype).unwrap_or(1);
             let end = element_count(&shape)
                 .and_then(|count| count.checked_mul(item))
                 .and_then(|size| size.checked_add(header_len))
@@ -502,16 +502,8 @@ impl Checkpoint {
             .ok_or_else(|| Error::Mapping(format!("tensor {name} is not in the checkpoint")))?;
         let shard = &self.shards[location.shard];
         let stored = location.meta.dtype.as_str();
-        let dtype = match stored {
-            "I64" => Dtype::Int64,
-            "F64" => Dtype::Float64,
-            "U32" => Dtype::Uint32,
-            "I32" => Dtype::Int32,
-            "F32" => Dtype::Float32,
-            "F16" => Dtype::Float16,
-            "BF16" => Dtype::Bfloat16,
-            _ => Dtype::Uint8,
-        };
+        let dtype = crate::stored_dtype::StoredDtype::parse(stored)
+            .map_or(Dtype::Uint8, crate::stored_dtype::StoredDtype::mlx);
         if !accepted.contains(&stored) {
             return Err(Error::UnsupportedDtype {
                 path: shard.path.clone(),
@@ -529,7 +521,7 @@ impl Checkpoint {
             .collect();
         let wanted = shape.as_ref().and_then(|shape| {
             let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            element_count(&dims)?.checked_mul(crate::export::dtype_size(stored)?)
+            element_count(&dims)?.checked_mul(crate::stored_dtype::dtype_size(stored)?)
         });
         let (Some(bytes), Some(shape)) = (bytes, shape) else {
             return Err(Error::Mapping(format!(

@@ -37,6 +37,7 @@ pub mod prequantized;
 pub mod quantize;
 pub mod registry;
 pub mod runtime;
+pub mod stored_dtype;
 pub mod tokenizer;
 
 pub use adapter::Adapter;
@@ -53,3 +54,6 @@ pub use registry::Registry;
 pub use inventory;
 /// Re-exported so plugin crates use the same MLX bindings as the core.
 pub use mlx_rs;
+
+#[cfg(test)]
+mod layering_tests;
