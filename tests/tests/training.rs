@@ -878,3 +878,48 @@ fn compiled_runs_with_dropout_train_uncompiled() {
     };
     assert_eq!(run(false), run(true));
 }
+
+/// Frozen weights are constants of a compiled trace: a trainer handed
+/// another model (same shapes, other weights) traces anew and trains it
+/// exactly as an uncompiled trainer does.
+#[test]
+fn a_compiled_trainer_given_another_model_traces_it_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let run = |compile: bool| {
+        mlx_rs::random::seed(42).unwrap();
+        let mut first = with_lora(mlx_zoo_tests::load("llama-gqa"));
+        let mut second = mlx_zoo_tests::load("llama-gqa");
+        let mut model = second.model.as_mut();
+        let doubled: mlx_rs::module::FlattenedModuleParam = model
+            .parameters()
+            .flatten()
+            .into_iter()
+            .filter(|(name, _)| name.ends_with("mlp.down_proj.weight"))
+            .map(|(name, w)| (name, w.multiply(mlx_rs::Array::from_f32(2.0)).unwrap()))
+            .collect();
+        ModuleParameters::update_flattened(&mut model, doubled);
+        let mut second = with_lora(second);
+        let config = TrainConfig {
+            compile,
+            ..config(4, 5e-3)
+        };
+        let mut trainer = Trainer::new(config, &data, 0).unwrap();
+        let mut losses = vec![];
+        for which in [0, 1, 0] {
+            let loaded = if which == 0 { &mut first } else { &mut second };
+            losses.push(
+                trainer
+                    .train_step(loaded.model.as_mut(), &data)
+                    .unwrap()
+                    .loss,
+            );
+        }
+        assert_eq!(trainer.compiled(), compile);
+        losses
+    };
+    let (plain, compiled) = (run(false), run(true));
+    for (a, b) in plain.iter().zip(&compiled) {
+        assert!((a - b).abs() < 1e-5, "{plain:?} vs {compiled:?}");
+    }
+}

@@ -64,7 +64,9 @@ pub struct TrainConfig {
     /// kernels and no graph building on the host). Not with several streams
     /// or adapter dropout, which train uncompiled. Padded batches are
     /// rounded up to a multiple of [`COMPILED_PAD_MULTIPLE`] positions so
-    /// few shapes need a trace.
+    /// few shapes need a trace. Frozen weights are constants of a trace:
+    /// a trainer given another model traces anew, but weights changed in
+    /// place between steps (other than by the trainer) go unseen.
     #[serde(default)]
     pub compile: bool,
 }
@@ -280,6 +282,10 @@ pub struct Trainer {
     compiled: Option<CompiledLossGrad>,
     /// The compiled update (AdamW), when the run compiles.
     compiled_update: CompiledFunction,
+    /// The model the compiled traces were made for (its address): its
+    /// frozen weights are constants of the traces, so another model needs
+    /// new ones.
+    compiled_for: usize,
 }
 
 /// What a checkpoint records besides the arrays.
@@ -320,6 +326,7 @@ impl Trainer {
             waited: std::time::Duration::ZERO,
             compiled: None,
             compiled_update: CompiledFunction::new(),
+            compiled_for: 0,
         })
     }
 
@@ -394,8 +401,14 @@ impl Trainer {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             mlx_zoo_core::runtime::limit_blas_threads(cores / self.streams.len())
         });
+        let address = model as *const dyn CausalLm as *const () as usize;
+        if self.compiled.is_some() && self.compiled_for != address {
+            self.compiled = None;
+            self.compiled_update = CompiledFunction::new();
+        }
         if self.compiled.is_none() && self.will_compile(model)? {
             self.compiled = Some(CompiledLossGrad::new());
+            self.compiled_for = address;
         }
         let result = self.accumulate(model, data);
         mlx_zoo_core::adapter::set_adapter_training(model, false)?;
