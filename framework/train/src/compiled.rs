@@ -4,8 +4,9 @@
 //! element-wise work, and later steps skip building the graph on the host.
 //! The trainable parameters and the batch are the compiled function's
 //! inputs; frozen weights are read as constants of the trace (they do not
-//! change while training). What the trace cannot see stays uncompiled: the
-//! optimizer update, the host's non-finite check, and adapter dropout
+//! change while training; a trainer handed another model traces anew).
+//! AdamW's update is a second compiled function (`Optimizer::compiled_step`).
+//! What stays outside: the host's non-finite check, and adapter dropout
 //! (whose random masks would be frozen into the trace; the trainer does not
 //! compile a model that uses it).
 //!
