@@ -43,12 +43,29 @@ pub fn reference(case: &str) -> Reference {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let ids = tensors.tensor("input_ids").expect("input_ids");
     let ids_shape: Vec<i32> = ids.shape().iter().map(|&d| d as i32).collect();
-    let ids: Vec<i32> = ids
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as i32)
-        .collect();
+    let ids: Vec<i32> = match ids.dtype() {
+        safetensors::Dtype::I64 => ids
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as i32)
+            .collect(),
+        safetensors::Dtype::I32 => ids
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect(),
+        other => panic!(
+            "{}: input_ids are {other:?}; expected int64 (what transformers' tensors hold) or int32",
+            path.display()
+        ),
+    };
     let logits = tensors.tensor("logits").expect("logits");
+    assert_eq!(
+        logits.dtype(),
+        safetensors::Dtype::F32,
+        "{}: logits must be float32",
+        path.display()
+    );
     let shape = logits.shape().iter().map(|&d| d as i32).collect();
     let logits = logits
         .data()
