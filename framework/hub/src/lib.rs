@@ -496,11 +496,15 @@ impl Hub {
         let bar = self.progress_bar(file, listed_size, offset);
         let read = read_body(answer.response, limit, &mut sink, &mut |n| bar.inc(n));
         bar.finish_and_clear();
-        if let Err(failure) = read {
-            if matches!(failure, Failure::Protocol(_)) {
-                let _ = std::fs::remove_file(&part);
+        match read {
+            Ok(_) => {}
+            Err(Failure::Write(source)) => return Err(HubError::Io { path: part, source }),
+            Err(failure) => {
+                if matches!(failure, Failure::Protocol(_)) {
+                    let _ = std::fs::remove_file(&part);
+                }
+                return Err(self.failure(id, Some(file), url, failure));
             }
-            return Err(self.failure(id, Some(file), url, failure));
         }
         sink.sync_all().map_err(io(&part))?;
         drop(sink);
@@ -653,6 +657,10 @@ impl Hub {
             Failure::Protocol(message) => HubError::Protocol {
                 url: url.to_string(),
                 message,
+            },
+            Failure::Write(source) => HubError::Io {
+                path: self.repo_dir(id),
+                source,
             },
         }
     }

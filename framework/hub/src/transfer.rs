@@ -38,6 +38,8 @@ pub(crate) enum Failure {
     Status(Box<ureq::Response>),
     /// An answer that breaks the protocol (not worth a retry).
     Protocol(String),
+    /// Writing what arrived failed (a full disk, say).
+    Write(std::io::Error),
 }
 
 impl Transfer {
@@ -153,8 +155,7 @@ pub(crate) fn read_body(
                 "the body runs past the {limit} bytes expected"
             )));
         }
-        sink.write_all(&buffer[..n])
-            .map_err(|e| Failure::Protocol(format!("cannot write the download: {e}")))?;
+        sink.write_all(&buffer[..n]).map_err(Failure::Write)?;
         progress(n as u64);
     }
     if announced.is_some_and(|announced| total < announced) {
