@@ -260,24 +260,11 @@ impl AdamWConstants {
             .iter()
             .map(|g| g[0].divide(total))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        // The global norm as `global_norm` sums it: in name order.
-        let mut squares = Array::from_f32(0.0);
-        for grad in &grads {
-            squares = squares.add(&grad.square()?.sum(None)?)?;
-        }
-        let norm = squares.sqrt()?;
-        let scale = match self.max_grad_norm {
-            Some(max) => {
-                let bound = Array::from_f32(max);
-                let clipped = bound.divide(norm.add(Array::from_f32(1e-6))?)?;
-                Some(mlx_rs::ops::select(
-                    norm.gt(&bound)?,
-                    &clipped,
-                    Array::from_f32(1.0),
-                )?)
-            }
-            None => None,
-        };
+        let norm = norm_of(grads.iter())?;
+        let scale = self
+            .max_grad_norm
+            .map(|max| clip_scale(&norm, max))
+            .transpose()?;
         let (b1, b2) = &self.betas;
         let one = Array::from_f32(1.0);
         let one_minus_b1 = one.subtract(b1)?;
@@ -301,4 +288,24 @@ impl AdamWConstants {
         }
         Ok(outputs)
     }
+}
+
+/// The L2 norm of `gradients` together, summed in the order given (callers
+/// pass name order: a resumed run must repeat the same rounding).
+pub(crate) fn norm_of<'a>(
+    gradients: impl IntoIterator<Item = &'a Array>,
+) -> std::result::Result<Array, Exception> {
+    let mut squares = Array::from_f32(0.0);
+    for gradient in gradients {
+        squares = squares.add(&gradient.square()?.sum(None)?)?;
+    }
+    squares.sqrt()
+}
+
+/// The factor that clips gradients of global norm `norm` to `max`, in the
+/// graph (no host round trip): exactly 1 at or below the bound.
+pub(crate) fn clip_scale(norm: &Array, max: f32) -> std::result::Result<Array, Exception> {
+    let bound = Array::from_f32(max);
+    let clipped = bound.divide(norm.add(Array::from_f32(1e-6))?)?;
+    mlx_rs::ops::select(norm.gt(&bound)?, &clipped, Array::from_f32(1.0))
 }

@@ -10,7 +10,7 @@ use crate::compiled::{CompiledFunction, CompiledLossGrad};
 use crate::data::{Dataset, Example};
 use crate::error::{Result, TrainError};
 use crate::loss::masked_cross_entropy;
-use crate::optim::{Optimizer, OptimizerKind};
+use crate::optim::{clip_scale, norm_of, Optimizer, OptimizerKind};
 use crate::schedule::Schedule;
 use mlx_rs::error::Exception;
 use mlx_rs::module::{FlattenedModuleParam, ModuleParameters};
@@ -259,11 +259,7 @@ pub fn global_norm(gradients: &FlattenedModuleParam) -> Result<f32> {
 fn lazy_global_norm(gradients: &FlattenedModuleParam) -> Result<Array> {
     let mut names: Vec<&Rc<str>> = gradients.keys().collect();
     names.sort();
-    let mut total = Array::from_f32(0.0);
-    for name in names {
-        total = total.add(&gradients[name].square()?.sum(None)?)?;
-    }
-    Ok(total.sqrt()?)
+    Ok(norm_of(names.into_iter().map(|name| &gradients[name]))?)
 }
 
 /// A training run's optimizer, schedule position and data position.
@@ -478,7 +474,8 @@ impl Trainer {
         Ok((accumulated, loss_sum, loss_tokens, tokens))
     }
 
-    /// Averages, clips and applies accumulated gradients.
+    /// Averages, clips and applies accumulated gradients: one compiled graph
+    /// when the run compiles with AdamW, else op by op.
     fn apply(
         &mut self,
         model: &mut dyn CausalLm,
@@ -490,68 +487,21 @@ impl Trainer {
     ) -> Result<StepReport> {
         let lr = self.config.schedule.lr(self.step);
         self.optimizer.set_lr(lr);
-        if self.compiled.is_some() {
-            let mut model_ref = model;
-            let norm = self.optimizer.compiled_step(
+        let mut model_ref = model;
+        let compiled_norm = match self.compiled {
+            Some(_) => self.optimizer.compiled_step(
                 &self.compiled_update,
                 &mut model_ref,
                 &accumulated,
                 loss_tokens as f32,
                 self.config.max_grad_norm,
-            )?;
-            if let Some(norm) = norm {
-                return self.finish_step(
-                    model_ref,
-                    norm,
-                    loss_sum,
-                    loss_tokens,
-                    tokens,
-                    lr,
-                    started,
-                );
-            }
-            return self.apply_uncompiled(
-                model_ref,
-                accumulated,
-                loss_sum,
-                loss_tokens,
-                tokens,
-                started,
-            );
-        }
-        self.apply_uncompiled(model, accumulated, loss_sum, loss_tokens, tokens, started)
-    }
-
-    /// [`Trainer::apply`] op by op (the optimizer's own update).
-    fn apply_uncompiled(
-        &mut self,
-        model: &mut dyn CausalLm,
-        accumulated: FlattenedModuleParam,
-        loss_sum: f64,
-        loss_tokens: usize,
-        tokens: usize,
-        started: Instant,
-    ) -> Result<StepReport> {
-        let lr = self.config.schedule.lr(self.step);
-        let total = Array::from_f32(loss_tokens as f32);
-        let mut grads: FlattenedModuleParam = accumulated
-            .into_iter()
-            .map(|(k, g)| Ok((k, g.divide(&total)?)))
-            .collect::<Result<_, Exception>>()?;
-        // Clipping stays in the graph (no host round trip for the norm):
-        // the scale is exactly 1 below the bound.
-        let grad_norm = lazy_global_norm(&grads)?;
-        if let Some(max) = self.config.max_grad_norm {
-            let bound = Array::from_f32(max);
-            let clipped = bound.divide(grad_norm.add(Array::from_f32(1e-6))?)?;
-            let scale = mlx_rs::ops::select(grad_norm.gt(&bound)?, &clipped, Array::from_f32(1.0))?;
-            grads = grads
-                .into_iter()
-                .map(|(k, g)| Ok((k, g.multiply(&scale)?)))
-                .collect::<Result<_, Exception>>()?;
-        }
-        let mut model_ref = model;
-        self.optimizer.update(&mut model_ref, &grads)?;
+            )?,
+            None => None,
+        };
+        let grad_norm = match compiled_norm {
+            Some(norm) => norm,
+            None => self.update_uncompiled(model_ref, accumulated, loss_tokens)?,
+        };
         self.finish_step(
             model_ref,
             grad_norm,
@@ -561,6 +511,32 @@ impl Trainer {
             lr,
             started,
         )
+    }
+
+    /// The optimizer's own update, op by op; returns the norm before
+    /// clipping (lazily).
+    fn update_uncompiled(
+        &mut self,
+        model: &mut dyn CausalLm,
+        accumulated: FlattenedModuleParam,
+        loss_tokens: usize,
+    ) -> Result<Array> {
+        let total = Array::from_f32(loss_tokens as f32);
+        let mut grads: FlattenedModuleParam = accumulated
+            .into_iter()
+            .map(|(k, g)| Ok((k, g.divide(&total)?)))
+            .collect::<Result<_, Exception>>()?;
+        let grad_norm = lazy_global_norm(&grads)?;
+        if let Some(max) = self.config.max_grad_norm {
+            let scale = clip_scale(&grad_norm, max)?;
+            grads = grads
+                .into_iter()
+                .map(|(k, g)| Ok((k, g.multiply(&scale)?)))
+                .collect::<Result<_, Exception>>()?;
+        }
+        let mut model_ref = model;
+        self.optimizer.update(&mut model_ref, &grads)?;
+        Ok(grad_norm)
     }
 
     /// Evaluates the updated parameters, the optimizer state and the norm,
