@@ -12,7 +12,7 @@ use mlx_zoo::loader::{LoadOptions, LoadedModel};
 use mlx_zoo::tokenizer::Tokenizer;
 use mlx_zoo::train::{
     load_dataset, DataOptions, Dataset, Decay, OptimizerKind, Schedule, TrainConfig, TrainError,
-    Trainer,
+    TrainHooks, Trainer,
 };
 use std::path::{Path, PathBuf};
 
@@ -921,5 +921,150 @@ fn a_compiled_trainer_given_another_model_traces_it_anew() {
     let (plain, compiled) = (run(false), run(true));
     for (a, b) in plain.iter().zip(&compiled) {
         assert!((a - b).abs() < 1e-5, "{plain:?} vs {compiled:?}");
+    }
+}
+
+/// Records what [`Trainer::run`] reports.
+#[derive(Default)]
+struct Recorded {
+    losses: Vec<f32>,
+    evals: Vec<usize>,
+    checkpoints: Vec<usize>,
+}
+
+impl TrainHooks for Recorded {
+    fn on_step(&mut self, report: &mlx_zoo::train::StepReport) {
+        assert_eq!(
+            report.step,
+            self.losses.len() + 1,
+            "steps reported in order"
+        );
+        self.losses.push(report.loss);
+    }
+    fn on_eval(&mut self, step: usize, _loss: f32) {
+        self.evals.push(step);
+    }
+    fn on_checkpoint(&mut self, step: usize, _dir: &Path) {
+        self.checkpoints.push(step);
+    }
+}
+
+/// A compiled run pipelines its steps (the next step's graph is queued
+/// while the current one computes) and pauses the pipeline for
+/// evaluations and checkpoints: the losses, the evaluation and checkpoint
+/// steps and the checkpointed parameters are those of step-by-step
+/// training, with accumulation too.
+#[test]
+fn a_pipelined_run_trains_like_step_by_step_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    for grad_accum in [1, 2] {
+        let config = TrainConfig {
+            compile: true,
+            grad_accum,
+            eval_every: 3,
+            save_every: 4,
+            ..config(7, 5e-3)
+        };
+        mlx_rs::random::seed(42).unwrap();
+        let mut stepped = with_lora(mlx_zoo_tests::load("llama-gqa"));
+        let mut trainer = Trainer::new(config.clone(), &data, 0).unwrap();
+        let expected = losses(&mut trainer, &mut stepped, &data, 7);
+
+        mlx_rs::random::seed(42).unwrap();
+        let mut piped = with_lora(mlx_zoo_tests::load("llama-gqa"));
+        let mut trainer = Trainer::new(config.clone(), &data, 0).unwrap();
+        let mut recorded = Recorded::default();
+        let out = dir.path().join(format!("ck-{grad_accum}"));
+        let summary = trainer
+            .run(piped.model.as_mut(), &data, &out, &mut recorded)
+            .unwrap();
+        assert!(trainer.compiled());
+        assert_eq!(summary.steps, 7);
+        assert_eq!(recorded.evals, vec![3, 6, 7]);
+        assert_eq!(recorded.checkpoints, vec![4, 7]);
+        for (a, b) in expected.iter().zip(&recorded.losses) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "accum {grad_accum}: {expected:?} vs {:?}",
+                recorded.losses
+            );
+        }
+        assert_eq!(recorded.losses.len(), 7);
+        let worst = params_diff(&trainable(&stepped), &trainable(&piped));
+        assert!(
+            worst < 1e-6,
+            "accum {grad_accum}: parameters differ by {worst}"
+        );
+
+        // The step-4 checkpoint holds step 4's parameters, not step 5's,
+        // which a pipeline would already have queued.
+        mlx_rs::random::seed(42).unwrap();
+        let mut again = with_lora(mlx_zoo_tests::load("llama-gqa"));
+        let mut trainer = Trainer::new(config, &data, 0).unwrap();
+        losses(&mut trainer, &mut again, &data, 4);
+        let saved =
+            mlx_rs::Array::load_safetensors(out.join("step-000004").join("trainable.safetensors"))
+                .unwrap();
+        let saved: Vec<(std::rc::Rc<str>, mlx_rs::Array)> = saved
+            .into_iter()
+            .map(|(k, v)| (std::rc::Rc::from(k.as_str()), v))
+            .collect();
+        let at_four = trainable(&again);
+        assert_eq!(saved.len(), at_four.len());
+        let worst = params_diff(&at_four, &saved);
+        assert!(
+            worst < 1e-6,
+            "accum {grad_accum}: step-4 checkpoint differs by {worst}"
+        );
+    }
+}
+
+/// A non-finite loss found while the next step is already queued puts the
+/// trainable parameters back as they were before the failing step.
+#[test]
+fn a_pipelined_run_stopped_by_a_non_finite_loss_keeps_the_parameters_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), true);
+    let mut loaded = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    loaded
+        .model
+        .visit_linears(&mut |_, layer| {
+            if let Some(b) = layer.lora_b.as_ref().as_ref() {
+                let nan =
+                    mlx_rs::ops::full::<f32>(b.shape(), mlx_rs::Array::from_f32(f32::NAN)).unwrap();
+                layer.lora_b = mlx_rs::module::Param::new(Some(nan));
+            }
+            Ok(())
+        })
+        .unwrap();
+    let mut before = trainable(&loaded);
+    before.sort_by(|a, b| a.0.cmp(&b.0));
+    let config = TrainConfig {
+        compile: true,
+        ..config(5, 5e-3)
+    };
+    let mut trainer = Trainer::new(config, &data, 0).unwrap();
+    let error = trainer
+        .run(
+            loaded.model.as_mut(),
+            &data,
+            &dir.path().join("ck"),
+            &mut (),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(error, TrainError::NonFiniteLoss { step: 1, .. }),
+        "{error}"
+    );
+    assert_eq!(trainer.step(), 0);
+    let mut after = trainable(&loaded);
+    after.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(before.len(), after.len());
+    for ((name, value), (_, now)) in before.iter().zip(&after) {
+        let same = mlx_rs::ops::array_eq(value, now, true)
+            .unwrap()
+            .item_exact::<bool>();
+        assert!(same, "{name} changed");
     }
 }

@@ -44,12 +44,15 @@ impl std::str::FromStr for OptimizerKind {
     }
 }
 
-/// A configured optimizer with its state.
+/// A configured optimizer with its state. Cloning is cheap (arrays are
+/// shared, not copied): a clone is a snapshot to go back to.
+#[derive(Clone)]
 pub struct Optimizer {
     kind: OptimizerKind,
     inner: Inner,
 }
 
+#[derive(Clone)]
 enum Inner {
     AdamW(AdamW),
     Sgd(Sgd),

@@ -282,6 +282,9 @@ pub struct Trainer {
     /// frozen weights are constants of the traces, so another model needs
     /// new ones.
     compiled_for: usize,
+    /// When the last pipelined step completed (steps overlap, so a step's
+    /// time runs from there).
+    last_completed: Option<Instant>,
 }
 
 /// What a checkpoint records besides the arrays.
@@ -323,6 +326,7 @@ impl Trainer {
             compiled: None,
             compiled_update: CompiledFunction::new(),
             compiled_for: 0,
+            last_completed: None,
         })
     }
 
@@ -388,15 +392,27 @@ impl Trainer {
     pub fn train_step(&mut self, model: &mut dyn CausalLm, data: &Dataset) -> Result<StepReport> {
         let started = Instant::now();
         self.waited = std::time::Duration::ZERO;
-        // Adapter dropout draws from MLX's key, seeded per step so a resumed
-        // run draws the same masks.
-        mlx_rs::random::seed(self.config.seed.wrapping_add(self.step as u64))?;
-        mlx_zoo_core::adapter::set_adapter_training(model, true)?;
+        self.begin_step(model, self.step)?;
         // Streams share the cores with OpenBLAS's threads: one each.
         let _blas = (self.streams.len() > 1).then(|| {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             mlx_zoo_core::runtime::limit_blas_threads(cores / self.streams.len())
         });
+        let result = self.accumulate(model, data);
+        mlx_zoo_core::adapter::set_adapter_training(model, false)?;
+        let (accumulated, loss_sum, loss_tokens, tokens) = result?;
+        let lr = self.config.schedule.lr(self.step);
+        let grad_norm = self.apply(model, accumulated, loss_tokens, lr)?;
+        self.finish_step(model, grad_norm, loss_sum, loss_tokens, tokens, lr, started)
+    }
+
+    /// What every step does first: MLX's key seeded for the step with
+    /// `index` steps before it (adapter dropout draws the same masks in a
+    /// resumed run), adapters in training mode, and the compiled traces
+    /// made (anew for another model) when the run compiles.
+    fn begin_step(&mut self, model: &mut dyn CausalLm, index: usize) -> Result<()> {
+        mlx_rs::random::seed(self.config.seed.wrapping_add(index as u64))?;
+        mlx_zoo_core::adapter::set_adapter_training(model, true)?;
         let address = model as *const dyn CausalLm as *const () as usize;
         if self.compiled.is_some() && self.compiled_for != address {
             self.compiled = None;
@@ -406,10 +422,7 @@ impl Trainer {
             self.compiled = Some(CompiledLossGrad::new());
             self.compiled_for = address;
         }
-        let result = self.accumulate(model, data);
-        mlx_zoo_core::adapter::set_adapter_training(model, false)?;
-        let (accumulated, loss_sum, loss_tokens, tokens) = result?;
-        self.apply(model, accumulated, loss_sum, loss_tokens, tokens, started)
+        Ok(())
     }
 
     /// The micro-batches of one step: token-weighted gradient sums, the
@@ -450,10 +463,7 @@ impl Trainer {
             let waiting = Instant::now();
             mlx_rs::transforms::eval(losses.iter().map(|(l, _)| l).chain(summed.values()))?;
             self.waited += waiting.elapsed();
-            let batch_sum: f64 = losses
-                .iter()
-                .map(|(l, n)| l.item_cast::<f32>() as f64 * *n as f64)
-                .sum();
+            let batch_sum = weighted_loss_sum(&losses);
             let loss = (batch_sum / counted as f64) as f32;
             if !loss.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
@@ -467,25 +477,21 @@ impl Trainer {
             accumulated = Some(summed);
         }
         let Some(accumulated) = accumulated else {
-            return Err(TrainError::InvalidSetting(
-                "a whole step of batches had no loss tokens".into(),
-            ));
+            return Err(no_loss_tokens());
         };
         Ok((accumulated, loss_sum, loss_tokens, tokens))
     }
 
-    /// Averages, clips and applies accumulated gradients: one compiled graph
-    /// when the run compiles with AdamW, else op by op.
+    /// Averages, clips and applies accumulated gradients at rate `lr`: one
+    /// compiled graph when the run compiles with AdamW, else op by op.
+    /// Returns the norm before clipping, lazily.
     fn apply(
         &mut self,
         model: &mut dyn CausalLm,
         accumulated: FlattenedModuleParam,
-        loss_sum: f64,
         loss_tokens: usize,
-        tokens: usize,
-        started: Instant,
-    ) -> Result<StepReport> {
-        let lr = self.config.schedule.lr(self.step);
+        lr: f32,
+    ) -> Result<Array> {
         self.optimizer.set_lr(lr);
         let mut model_ref = model;
         let compiled_norm = match self.compiled {
@@ -498,19 +504,138 @@ impl Trainer {
             )?,
             None => None,
         };
-        let grad_norm = match compiled_norm {
-            Some(norm) => norm,
-            None => self.update_uncompiled(model_ref, accumulated, loss_tokens)?,
-        };
-        self.finish_step(
-            model_ref,
+        match compiled_norm {
+            Some(norm) => Ok(norm),
+            None => self.update_uncompiled(model_ref, accumulated, loss_tokens),
+        }
+    }
+
+    /// Builds the whole graph of the step with `index` steps before it and
+    /// queues it (MLX's `async_eval`) without waiting: loss, gradients and
+    /// update of a compiled run. The host then builds the next step while
+    /// the device computes this one; [`Self::complete_step`] waits for it.
+    fn launch_step(
+        &mut self,
+        model: &mut dyn CausalLm,
+        data: &Dataset,
+        index: usize,
+    ) -> Result<InFlight> {
+        let launched = Instant::now();
+        let before = (trainable_snapshot(model), self.optimizer.clone());
+        self.begin_step(model, index)?;
+        let built = self.build_lazy_step(model, data, index);
+        mlx_zoo_core::adapter::set_adapter_training(model, false)?;
+        let (losses, grad_norm, loss_tokens, tokens, lr) = built?;
+        let mut outputs: Vec<Array> = trainable_snapshot(model).into_values().collect();
+        outputs.extend(self.optimizer.state_arrays()?);
+        outputs.push(grad_norm.clone());
+        outputs.extend(losses.iter().map(|(l, _)| l.clone()));
+        mlx_rs::transforms::async_eval(outputs.iter())?;
+        Ok(InFlight {
+            losses,
             grad_norm,
-            loss_sum,
+            outputs,
             loss_tokens,
             tokens,
             lr,
-            started,
-        )
+            before,
+            launched,
+        })
+    }
+
+    /// The graph of one step, nothing waited for: the micro-batches' losses
+    /// (with their loss tokens), the norm, counted and fed tokens, the rate.
+    #[allow(clippy::type_complexity)]
+    fn build_lazy_step(
+        &mut self,
+        model: &mut dyn CausalLm,
+        data: &Dataset,
+        index: usize,
+    ) -> Result<(Vec<(Array, usize)>, Array, usize, usize, f32)> {
+        let mut summed: Option<FlattenedModuleParam> = None;
+        let mut losses = Vec::new();
+        let (mut loss_tokens, mut tokens) = (0usize, 0usize);
+        for _ in 0..self.config.grad_accum {
+            let batch = self.next_batch(data)?;
+            tokens += batch.inputs.size();
+            if batch.loss_tokens == 0 {
+                continue;
+            }
+            let (loss, grads) = match &self.compiled {
+                Some(compiled) => compiled.loss_and_grad(model, &batch)?,
+                None => lazy_loss_and_grad(model, &batch)?,
+            };
+            let weight = Array::from_f32(batch.loss_tokens as f32);
+            let sums = weigh(&grads, &weight, summed.take())?;
+            if self.config.grad_accum > 1 {
+                // Bounds the graph (and the activations alive at once) to
+                // one micro-batch, still without waiting.
+                mlx_rs::transforms::async_eval(sums.values().chain(std::iter::once(&loss)))?;
+            }
+            summed = Some(sums);
+            losses.push((loss, batch.loss_tokens));
+            loss_tokens += batch.loss_tokens;
+        }
+        let Some(summed) = summed else {
+            return Err(no_loss_tokens());
+        };
+        let lr = self.config.schedule.lr(index);
+        let grad_norm = self.apply(model, summed, loss_tokens, lr)?;
+        Ok((losses, grad_norm, loss_tokens, tokens, lr))
+    }
+
+    /// Waits for a launched step and reports it. A non-finite loss puts the
+    /// trainable parameters and the optimizer back as they were before the
+    /// step (a step launched after it is dropped with them) and stops.
+    fn complete_step(&mut self, model: &mut dyn CausalLm, flight: InFlight) -> Result<StepReport> {
+        let waiting = Instant::now();
+        mlx_rs::transforms::eval(flight.outputs.iter())?;
+        let waited = waiting.elapsed();
+        let loss_sum = weighted_loss_sum(&flight.losses);
+        let loss = (loss_sum / flight.loss_tokens as f64) as f32;
+        if !loss.is_finite() {
+            let (params, optimizer) = flight.before;
+            let mut model_ref = model;
+            ModuleParameters::update_flattened(&mut model_ref, params);
+            self.optimizer = optimizer;
+            return Err(TrainError::NonFiniteLoss {
+                step: self.step + 1,
+                loss,
+                last_checkpoint: self.last_checkpoint.clone(),
+            });
+        }
+        self.step += 1;
+        // Steps overlap: a step's time runs from the end of the one before.
+        let now = Instant::now();
+        let from = match self.last_completed {
+            Some(previous) if previous > flight.launched => previous,
+            _ => flight.launched,
+        };
+        self.last_completed = Some(now);
+        let seconds = now.duration_since(from).as_secs_f32().max(1e-9);
+        let memory = mlx_zoo_core::runtime::memory();
+        Ok(StepReport {
+            step: self.step,
+            loss,
+            lr: flight.lr,
+            grad_norm: flight.grad_norm.item_cast::<f32>(),
+            tokens: flight.tokens,
+            loss_tokens: flight.loss_tokens,
+            tokens_per_second: flight.tokens as f32 / seconds,
+            active_memory: memory.active,
+            peak_memory: memory.peak,
+            cache_memory: memory.cache,
+            eval_seconds: waited.as_secs_f32().min(seconds),
+            graph_seconds: (seconds - waited.as_secs_f32()).max(0.0),
+        })
+    }
+
+    /// Whether [`Self::run`] evaluates or checkpoints after step `number`.
+    fn pauses_after(&self, number: usize) -> bool {
+        let every = |n: usize| n > 0 && number % n == 0;
+        number >= self.config.iters
+            || every(self.config.eval_every)
+            || every(self.config.save_every)
     }
 
     /// The optimizer's own update, op by op; returns the norm before
@@ -771,15 +896,37 @@ impl Trainer {
             checkpoint: self.last_checkpoint.clone(),
             interrupted: false,
         };
+        // A compiled run pipelines its steps: the next step's graph is built
+        // and queued while the device computes the current one, except
+        // before an evaluation, a checkpoint, the end or a stop, which need
+        // the model as of the step that completed.
+        let pipelined = self.will_compile(model)?;
+        let mut in_flight: Option<InFlight> = None;
+        self.last_completed = None;
         while self.step < self.config.iters {
-            if hooks.stop_requested() {
+            if in_flight.is_none() && hooks.stop_requested() {
                 summary.interrupted = true;
                 break;
             }
-            let report = self.train_step(model, data)?;
+            let report = if pipelined {
+                let flight = match in_flight.take() {
+                    Some(flight) => flight,
+                    None => self.launch_step(model, data, self.step)?,
+                };
+                let number = self.step + 1;
+                if !self.pauses_after(number) && !hooks.stop_requested() {
+                    in_flight = Some(self.launch_step(model, data, number)?);
+                }
+                self.complete_step(model, flight)?
+            } else {
+                self.train_step(model, data)?
+            };
             summary.first_loss.get_or_insert(report.loss);
             summary.last_loss = Some(report.loss);
             hooks.on_step(&report);
+            if in_flight.is_some() {
+                continue;
+            }
             let step = self.step;
             let last = step == self.config.iters;
             if !last && self.config.eval_every > 0 && step % self.config.eval_every == 0 {
@@ -806,6 +953,46 @@ impl Trainer {
         summary.checkpoint = self.last_checkpoint.clone();
         Ok(summary)
     }
+}
+
+/// A step built and queued but not yet waited for (see
+/// [`Trainer::launch_step`]).
+struct InFlight {
+    /// Each micro-batch's mean loss (lazy) and its loss tokens.
+    losses: Vec<(Array, usize)>,
+    /// The gradient norm before clipping (lazy).
+    grad_norm: Array,
+    /// Everything the step computes: updated parameters, optimizer state,
+    /// norm and losses.
+    outputs: Vec<Array>,
+    loss_tokens: usize,
+    tokens: usize,
+    lr: f32,
+    /// The trainable parameters and the optimizer before the step.
+    before: (FlattenedModuleParam, Optimizer),
+    launched: Instant,
+}
+
+/// The model's trainable parameters as they are now (the arrays are shared).
+fn trainable_snapshot(model: &mut dyn CausalLm) -> FlattenedModuleParam {
+    model
+        .trainable_parameters()
+        .flatten()
+        .into_iter()
+        .map(|(k, v)| (k, v.clone()))
+        .collect()
+}
+
+/// `sum(loss * tokens)` over evaluated micro-batch losses.
+fn weighted_loss_sum(losses: &[(Array, usize)]) -> f64 {
+    losses
+        .iter()
+        .map(|(l, n)| l.item_cast::<f32>() as f64 * *n as f64)
+        .sum()
+}
+
+fn no_loss_tokens() -> TrainError {
+    TrainError::InvalidSetting("a whole step of batches had no loss tokens".into())
 }
 
 /// `acc + grads * weight`, key by key.
