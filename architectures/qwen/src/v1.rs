@@ -255,8 +255,8 @@ impl QwenBlock {
         )?;
         let normed = self.ln_2.forward(&h).context(ctx)?;
         let up = self.mlp.w1.forward(&normed)?;
-        let gate = nn::silu(&self.mlp.w2.forward(&normed)?)?;
-        Ok(h + self.mlp.c_proj.forward(&(up * gate))?)
+        let gate = self.mlp.w2.forward(&normed)?;
+        Ok(h + self.mlp.c_proj.forward(&nn::swiglu(&gate, &up)?)?)
     }
 }
 

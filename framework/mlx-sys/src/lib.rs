@@ -111,6 +111,8 @@ extern "C" {
     ) -> i32;
     /// `x * sigmoid(x)`.
     pub fn zoo_silu(res: *mut mlx_array, x: mlx_array, s: mlx_stream) -> i32;
+    /// `silu(gate) * up` (one fused kernel off the CPU).
+    pub fn zoo_swiglu(res: *mut mlx_array, gate: mlx_array, up: mlx_array, s: mlx_stream) -> i32;
     /// The number of GPUs the linked MLX can use (0 without a GPU
     /// backend); for the first, its name into `name` (NUL-terminated, at
     /// most `name_len` bytes) and its total memory in bytes (0 when the

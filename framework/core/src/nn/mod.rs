@@ -21,8 +21,8 @@ pub use decoder::{
     DecoderStack, MoeConfig,
 };
 pub use kernels::{
-    attention, kernels_isa, matvec, silu, softmax_last_axis, AttentionKernelMask, QuantizedWeight,
-    MATVEC_MAX_ROWS,
+    attention, kernels_isa, matvec, silu, softmax_last_axis, swiglu, AttentionKernelMask,
+    QuantizedWeight, MATVEC_MAX_ROWS,
 };
 pub use layers::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 pub use linear::{

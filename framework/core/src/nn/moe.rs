@@ -55,11 +55,11 @@ impl SwitchGlu {
         let ctx = || "computing the experts".to_owned();
         let (tokens, hidden) = (x.shape()[0], x.shape()[1]);
         let x = x.reshape(&[tokens, 1, 1, hidden]).context(ctx)?;
-        let gate = self
-            .activation
-            .apply(&self.gate_proj.gather_forward(&x, indices)?)?;
+        let gate = self.gate_proj.gather_forward(&x, indices)?;
         let up = self.up_proj.gather_forward(&x, indices)?;
-        let out = self.down_proj.gather_forward(&(gate * up), indices)?;
+        let out = self
+            .down_proj
+            .gather_forward(&self.activation.gated(&gate, &up)?, indices)?;
         mlx_rs::ops::squeeze_axes(&out, &[-2]).context(ctx)
     }
 }

@@ -56,6 +56,14 @@ int zoo_matvec(
  * above). */
 int zoo_silu(mlx_array* res, const mlx_array x, const mlx_stream s);
 
+/* silu(gate) * up, element-wise: on the CPU with zoo_silu's kernel, on
+ * other devices as one kernel fused by MLX's compile. */
+int zoo_swiglu(
+    mlx_array* res,
+    const mlx_array gate,
+    const mlx_array up,
+    const mlx_stream s);
+
 /* The GPU MLX computes on, when this MLX build has one and it is usable
  * (CUDA or Metal): returns the number of GPUs (0 without one) and, for
  * the first, copies its name (NUL-terminated, cut to `name_len`) and sets
