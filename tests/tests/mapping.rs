@@ -114,6 +114,11 @@ fn qwen_v1_report() {
 }
 
 #[test]
+fn qwen3_moe_report_stacks_experts_and_keeps_qk_norms() {
+    insta::assert_yaml_snapshot!(report("qwen3-moe"));
+}
+
+#[test]
 fn every_family_exports_bit_for_bit() {
     for case in [
         "phi2",
@@ -123,6 +128,9 @@ fn every_family_exports_bit_for_bit() {
         "phi3-longrope",
         "qwen2",
         "qwen-v1",
+        "qwen3",
+        "qwen3-yarn",
+        "qwen3-moe",
     ] {
         assert_export_round_trips(case);
     }

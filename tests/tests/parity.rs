@@ -129,6 +129,28 @@ fn qwen_v1_dynamic_ntk_and_logn_match_the_reference_implementation() {
 }
 
 #[test]
+fn qwen3_per_head_qk_norms_match_transformers() {
+    assert_parity("qwen3");
+}
+
+#[test]
+fn qwen3_yarn_matches_transformers_past_the_original_context() {
+    assert_parity("qwen3-yarn");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    assert_parity("qwen3-moe");
+}
+
+#[test]
+fn qwen3_cached_decoding_matches_one_pass() {
+    assert_cached_parity("qwen3", 4);
+    assert_cached_parity("qwen3-yarn", 5);
+    assert_cached_parity("qwen3-moe", 3);
+}
+
+#[test]
 fn phi2_cached_decoding_matches_one_pass() {
     assert_cached_parity("phi2", 4);
 }

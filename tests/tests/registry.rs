@@ -143,6 +143,8 @@ fn every_family_is_detected_by_model_type_and_by_class_name() {
         ("phi3", "Phi3ForCausalLM", "phi3"),
         ("qwen2", "Qwen2ForCausalLM", "qwen2"),
         ("qwen", "QWenLMHeadModel", "qwen"),
+        ("qwen3", "Qwen3ForCausalLM", "qwen3"),
+        ("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe"),
     ] {
         let by_type =
             HfConfig::from_value(serde_json::json!({ "model_type": model_type })).unwrap();

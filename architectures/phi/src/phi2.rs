@@ -238,6 +238,7 @@ impl Phi {
                         o_bias: true,
                         rope: rope.clone(),
                         qk_layernorm: config.qk_layernorm.then_some(config.layer_norm_eps),
+                        qk_norm: None,
                     })?,
                     mlp: GeluMlp::new(dims.hidden_size, dims.intermediate_size, config.hidden_act)?,
                 })

@@ -25,6 +25,7 @@ pub use mlx_zoo_mistral as mistral;
 pub use mlx_zoo_phi as phi;
 /// The Qwen2 and original Qwen families.
 pub use mlx_zoo_qwen as qwen;
+pub use mlx_zoo_qwen3 as qwen3;
 /// Training: data, losses, optimizers, the trainer.
 pub use mlx_zoo_train as train;
 

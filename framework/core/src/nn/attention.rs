@@ -3,7 +3,7 @@
 //! fused scaled-dot-product attention.
 
 use super::kernels::{attention, AttentionKernelMask};
-use super::layers::{layer_norm, LayerNorm};
+use super::layers::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 use super::linear::{linear, Linear};
 use super::rope::Rope;
 use crate::cache::LayerKv;
@@ -33,6 +33,9 @@ pub struct AttentionConfig {
     /// LayerNorm (with this epsilon) over each query and key head before the
     /// rotary embedding (Phi's `qk_layernorm`).
     pub qk_layernorm: Option<f32>,
+    /// RMSNorm (with this epsilon) over each query and key head before the
+    /// rotary embedding (Qwen3's and Gemma 3's `q_norm` / `k_norm`).
+    pub qk_norm: Option<f32>,
 }
 
 /// Which positions a query may attend to.
@@ -68,6 +71,12 @@ pub struct Attention {
     /// Per-head key norm, when configured.
     #[param]
     pub k_layernorm: Option<LayerNorm>,
+    /// Per-head query RMSNorm, when configured.
+    #[param]
+    pub q_norm: Option<RmsNorm>,
+    /// Per-head key RMSNorm, when configured.
+    #[param]
+    pub k_norm: Option<RmsNorm>,
     num_heads: i32,
     num_kv_heads: i32,
     head_dim: i32,
@@ -87,6 +96,7 @@ impl Attention {
             o_bias,
             rope,
             qk_layernorm,
+            qk_norm,
         } = config;
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(Error::InvalidArgument(format!(
@@ -104,6 +114,8 @@ impl Attention {
             k_layernorm: qk_layernorm
                 .map(|eps| layer_norm(head_dim, eps))
                 .transpose()?,
+            q_norm: qk_norm.map(|eps| rms_norm(head_dim, eps)).transpose()?,
+            k_norm: qk_norm.map(|eps| rms_norm(head_dim, eps)).transpose()?,
             num_heads: num_heads as i32,
             num_kv_heads: num_kv_heads as i32,
             head_dim: head_dim as i32,
@@ -143,6 +155,14 @@ impl Attention {
             None => queries,
         };
         let keys = match &mut self.k_layernorm {
+            Some(norm) => norm.forward(&keys).context(ctx)?,
+            None => keys,
+        };
+        let queries = match &mut self.q_norm {
+            Some(norm) => norm.forward(&queries).context(ctx)?,
+            None => queries,
+        };
+        let keys = match &mut self.k_norm {
             Some(norm) => norm.forward(&keys).context(ctx)?,
             None => keys,
         };

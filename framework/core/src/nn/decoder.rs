@@ -58,6 +58,9 @@ pub struct DecoderConfig {
     pub sliding_windows: Vec<Option<usize>>,
     /// Experts instead of a dense MLP.
     pub moe: Option<MoeConfig>,
+    /// RMSNorm over each query and key head before the rotary embedding
+    /// (`self_attn.q_norm` / `k_norm`, Qwen3).
+    pub qk_norm: bool,
 }
 
 /// One block.
@@ -214,6 +217,7 @@ impl Decoder {
                         o_bias: config.o_bias,
                         rope: config.rope.clone(),
                         qk_layernorm: None,
+                        qk_norm: config.qk_norm.then_some(config.rms_norm_eps),
                     })?,
                     mlp,
                     block_sparse_moe: moe,
@@ -372,6 +376,8 @@ pub fn decoder_rules(tie_word_embeddings: bool) -> Vec<crate::mapping::Rule> {
         "self_attn.v_proj.bias",
         "self_attn.o_proj.weight",
         "self_attn.o_proj.bias",
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
         "mlp.gate_proj.weight",
         "mlp.gate_proj.bias",
         "mlp.up_proj.weight",

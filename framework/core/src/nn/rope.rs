@@ -1,7 +1,8 @@
 //! Rotary position embeddings (RoPE) and the scaling variants checkpoints
 //! ask for through `rope_scaling`: linear position interpolation, dynamic
 //! NTK (with transformers' semantics: the base grows once the sequence passes
-//! `max_position_embeddings`) and Llama 3's frequency-band rescaling. Partial
+//! `max_position_embeddings`), Llama 3's frequency-band rescaling, Phi-3's
+//! LongRoPE and YaRN (Qwen3, DeepSeek and others). Partial
 //! rotary is a matter of rotating fewer dimensions than the head has.
 
 use crate::error::{Error, MlxContext, Result};
@@ -56,6 +57,40 @@ pub enum RopeScaling {
         #[serde(default)]
         attention_factor: Option<f32>,
     },
+    /// YaRN: inverse frequencies blended between interpolated (divided by
+    /// `factor`) and original along a ramp over the rotary dimensions set
+    /// by `beta_fast` / `beta_slow` rotations within the original context,
+    /// with cos/sin scaled by an attention factor (transformers'
+    /// `_compute_yarn_parameters`).
+    Yarn {
+        /// The context extension factor; when absent,
+        /// `max_position_embeddings / original_max_position_embeddings`.
+        #[serde(default)]
+        factor: Option<f32>,
+        /// The context the model was trained with; defaults to
+        /// `max_position_embeddings`.
+        #[serde(default)]
+        original_max_position_embeddings: Option<usize>,
+        /// Explicit cos/sin scale; defaults to `0.1 ln(factor) + 1` (or
+        /// the ratio of two such terms with `mscale` and `mscale_all_dim`).
+        #[serde(default)]
+        attention_factor: Option<f32>,
+        /// Rotations marking the fully extrapolated end of the ramp (32).
+        #[serde(default)]
+        beta_fast: Option<f32>,
+        /// Rotations marking the fully interpolated end of the ramp (1).
+        #[serde(default)]
+        beta_slow: Option<f32>,
+        /// DeepSeek's attention-factor numerator scale.
+        #[serde(default)]
+        mscale: Option<f32>,
+        /// DeepSeek's attention-factor denominator scale.
+        #[serde(default)]
+        mscale_all_dim: Option<f32>,
+        /// Round the ramp's ends outwards to whole dimensions (default true).
+        #[serde(default)]
+        truncate: Option<bool>,
+    },
 }
 
 /// LongRoPE's two period tables and when to switch.
@@ -80,6 +115,8 @@ pub struct Rope {
     /// `(factor, max_position_embeddings)` for dynamic NTK.
     dynamic: Option<(f32, usize)>,
     longrope: Option<LongRope>,
+    /// Scale of the rotated features' cos/sin (YaRN's attention factor).
+    rotated_scale: Option<f32>,
 }
 
 impl Rope {
@@ -103,6 +140,7 @@ impl Rope {
             freqs: None,
             dynamic: None,
             longrope: None,
+            rotated_scale: None,
         };
         match scaling {
             None => {}
@@ -125,6 +163,44 @@ impl Rope {
                     *original_max_position_embeddings as f32,
                 );
                 rope.freqs = Some(Array::from_slice(&periods, &[periods.len() as i32]));
+            }
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                mscale,
+                mscale_all_dim,
+                truncate,
+            }) => {
+                let original = original_max_position_embeddings.unwrap_or(max_position_embeddings);
+                let factor = factor.unwrap_or(max_position_embeddings as f32 / original as f32);
+                if factor.is_nan() || factor <= 0.0 || original == 0 {
+                    return Err(Error::config(
+                        "rope_scaling",
+                        format!(
+                            "yarn needs a positive factor and original context, got factor \
+                             {factor} and original_max_position_embeddings {original}"
+                        ),
+                    ));
+                }
+                let yarn = YarnSettings {
+                    factor,
+                    original: original as f32,
+                    beta_fast: beta_fast.unwrap_or(32.0),
+                    beta_slow: beta_slow.unwrap_or(1.0),
+                    truncate: truncate.unwrap_or(true),
+                };
+                let periods = yarn_periods(dims, theta, &yarn);
+                rope.freqs = Some(Array::from_slice(&periods, &[periods.len() as i32]));
+                let scale = attention_factor.unwrap_or_else(|| match (mscale, mscale_all_dim) {
+                    (Some(m), Some(all)) if *m != 0.0 && *all != 0.0 => {
+                        yarn_mscale(factor, *m) / yarn_mscale(factor, *all)
+                    }
+                    _ => yarn_mscale(factor, 1.0),
+                });
+                rope.rotated_scale = (scale != 1.0).then_some(scale);
             }
             Some(RopeScaling::Longrope {
                 short_factor,
@@ -227,7 +303,7 @@ impl Rope {
             return scale_rotated(&rotated, self.dims, long.attention_factor);
         }
         if let Some(freqs) = &self.freqs {
-            return mlx_rs::fast::rope(
+            let rotated = mlx_rs::fast::rope(
                 x,
                 self.dims,
                 self.traditional,
@@ -236,7 +312,11 @@ impl Rope {
                 offset,
                 freqs,
             )
-            .context(context);
+            .context(context)?;
+            return match self.rotated_scale {
+                Some(scale) => scale_rotated(&rotated, self.dims, scale),
+                None => Ok(rotated),
+            };
         }
         let base = match self.dynamic {
             Some((factor, max_positions)) => {
@@ -296,6 +376,59 @@ fn dynamic_ntk_base(
     }
     let ratio = factor as f64 * seq_len as f64 / max_positions as f64 - (factor as f64 - 1.0);
     (base as f64 * ratio.powf(dims as f64 / (dims as f64 - 2.0))) as f32
+}
+
+/// YaRN's settings, defaults filled in.
+struct YarnSettings {
+    factor: f32,
+    original: f32,
+    beta_fast: f32,
+    beta_slow: f32,
+    truncate: bool,
+}
+
+/// YaRN's attention-factor term `0.1 m ln(scale) + 1` (1 when not scaling up).
+fn yarn_mscale(scale: f32, m: f32) -> f32 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
+}
+
+/// YaRN's periods (1 / inverse frequency) of the `dims / 2` rotated pairs,
+/// from transformers' formulas, computed in float64 (transformers uses
+/// float32: the periods may differ in their last bit).
+fn yarn_periods(dims: usize, theta: f32, yarn: &YarnSettings) -> Vec<f32> {
+    let (dim, base) = (dims as f64, theta as f64);
+    // The rotary dimension that turns `rotations` times over the original
+    // context.
+    let correction = |rotations: f64| {
+        dim * (yarn.original as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+            / (2.0 * base.ln())
+    };
+    let (mut low, mut high) = (
+        correction(yarn.beta_fast as f64),
+        correction(yarn.beta_slow as f64),
+    );
+    if yarn.truncate {
+        low = low.floor();
+        high = high.ceil();
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..dims / 2)
+        .map(|i| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let extrapolation = 1.0 - ramp;
+            let period = base.powf((2 * i) as f64 / dim);
+            let inv = (1.0 / (yarn.factor as f64 * period)) * (1.0 - extrapolation)
+                + (1.0 / period) * extrapolation;
+            (1.0 / inv) as f32
+        })
+        .collect()
 }
 
 /// Llama 3's rescaled periods (1 / inverse frequency), one per rotated pair.
