@@ -119,6 +119,11 @@ fn qwen3_moe_report_stacks_experts_and_keeps_qk_norms() {
 }
 
 #[test]
+fn gemma3_text_report_keeps_sandwich_and_qk_norms() {
+    insta::assert_yaml_snapshot!(report("gemma3-text"));
+}
+
+#[test]
 fn every_family_exports_bit_for_bit() {
     for case in [
         "phi2",
@@ -131,6 +136,9 @@ fn every_family_exports_bit_for_bit() {
         "qwen3",
         "qwen3-yarn",
         "qwen3-moe",
+        "gemma",
+        "gemma2",
+        "gemma3-text",
     ] {
         assert_export_round_trips(case);
     }

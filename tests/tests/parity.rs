@@ -151,6 +151,28 @@ fn qwen3_cached_decoding_matches_one_pass() {
 }
 
 #[test]
+fn gemma_matches_transformers() {
+    assert_parity("gemma");
+}
+
+#[test]
+fn gemma2_softcapping_sandwich_norms_and_sliding_layers_match_transformers() {
+    assert_parity("gemma2");
+}
+
+#[test]
+fn gemma3_text_qk_norms_and_local_rope_match_transformers() {
+    assert_parity("gemma3-text");
+}
+
+#[test]
+fn gemma_cached_decoding_matches_one_pass() {
+    assert_cached_parity("gemma", 4);
+    assert_cached_parity("gemma2", 6);
+    assert_cached_parity("gemma3-text", 5);
+}
+
+#[test]
 fn phi2_cached_decoding_matches_one_pass() {
     assert_cached_parity("phi2", 4);
 }

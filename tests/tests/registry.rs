@@ -129,7 +129,10 @@ fn no_match_lists_what_is_registered() {
         err.contains("no registered architecture accepts model_type `bert`"),
         "{err}"
     );
-    assert!(err.contains("registered: llama"), "{err}");
+    assert!(
+        err.contains("registered: gemma, gemma2, gemma3_text, llama, mistral"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -145,6 +148,9 @@ fn every_family_is_detected_by_model_type_and_by_class_name() {
         ("qwen", "QWenLMHeadModel", "qwen"),
         ("qwen3", "Qwen3ForCausalLM", "qwen3"),
         ("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe"),
+        ("gemma", "GemmaForCausalLM", "gemma"),
+        ("gemma2", "Gemma2ForCausalLM", "gemma2"),
+        ("gemma3_text", "Gemma3ForCausalLM", "gemma3_text"),
     ] {
         let by_type =
             HfConfig::from_value(serde_json::json!({ "model_type": model_type })).unwrap();

@@ -28,6 +28,6 @@ pub fn decoder_config(config: &LlamaConfig) -> Result<DecoderConfig> {
         activation: config.hidden_act,
         tie_word_embeddings: config.tie_word_embeddings,
         moe: None,
-        qk_norm: false,
+        options: Default::default(),
     })
 }

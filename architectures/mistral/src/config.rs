@@ -203,7 +203,7 @@ fn mistral_decoder(
         activation,
         tie_word_embeddings,
         moe,
-        qk_norm: false,
+        options: Default::default(),
     })
 }
 

@@ -205,7 +205,7 @@ impl Architecture for Qwen2Architecture {
             activation: config.hidden_act,
             tie_word_embeddings: config.tie_word_embeddings,
             moe: None,
-            qk_norm: false,
+            options: Default::default(),
         };
         Ok(Box::new(Decoder::new(&decoder)?))
     }

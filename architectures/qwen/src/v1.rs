@@ -18,12 +18,12 @@
 
 use mlx_rs::macros::ModuleParameters;
 use mlx_rs::module::Module;
-use mlx_rs::nn::RmsNorm;
 use mlx_rs::Array;
 use mlx_zoo_core::cache::LayerKv;
 use mlx_zoo_core::error::MlxContext;
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::model::LinearVisitor;
+use mlx_zoo_core::nn::RmsNorm;
 use mlx_zoo_core::nn::{
     self, causal_mask, checkpointed, embedding, linear, rms_norm, AttentionKernelMask,
     AttentionMask, Embedding, Linear, Rope,

@@ -10,7 +10,7 @@
 
 use mlx_zoo_core::mapping::{MappingTable, Rule, TensorMeta, WeightMapper};
 use mlx_zoo_core::nn::{
-    decoder_rules, Activation, Decoder, DecoderConfig, MoeConfig, Rope, RopeScaling,
+    decoder_rules, Activation, Decoder, DecoderConfig, DecoderOptions, MoeConfig, Rope, RopeScaling,
 };
 use mlx_zoo_core::{Architecture, CausalLm, Error, ModelConfig, ModelDims, Result};
 use serde::{Deserialize, Serialize};
@@ -199,7 +199,10 @@ impl Qwen3Config {
             activation: self.hidden_act,
             tie_word_embeddings: self.tie_word_embeddings,
             moe,
-            qk_norm: true,
+            options: DecoderOptions {
+                qk_norm: true,
+                ..Default::default()
+            },
         })
     }
 }

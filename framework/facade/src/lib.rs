@@ -13,6 +13,7 @@ pub use mlx_zoo_core::*;
 
 /// MLX's affine group-wise quantizer.
 pub use mlx_zoo_affine as affine;
+pub use mlx_zoo_gemma as gemma;
 /// The Hugging Face hub client: repo ids to cached local directories.
 pub use mlx_zoo_hub as hub;
 /// The LLaMA family.

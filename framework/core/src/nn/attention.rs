@@ -82,6 +82,8 @@ pub struct Attention {
     head_dim: i32,
     scale: f32,
     rope: Rope,
+    /// Scores soft-capped to `cap * tanh(scores / cap)` (Gemma 2).
+    softcap: Option<f32>,
 }
 
 impl Attention {
@@ -121,7 +123,25 @@ impl Attention {
             head_dim: head_dim as i32,
             scale: (head_dim as f32).powf(-0.5),
             rope,
+            softcap: None,
         })
+    }
+
+    /// Replaces the per-head q/k RMSNorms (for norms with an offset).
+    pub fn with_qk_norm(mut self, norm: Option<super::layers::RmsNorm>) -> Self {
+        self.q_norm = norm.clone();
+        self.k_norm = norm;
+        self
+    }
+
+    /// Scales the scores by `scale` instead of `head_dim^-0.5`, and
+    /// soft-caps them when `softcap` is given.
+    pub fn with_scores(mut self, scale: Option<f32>, softcap: Option<f32>) -> Self {
+        if let Some(scale) = scale {
+            self.scale = scale;
+        }
+        self.softcap = softcap;
+        self
     }
 
     /// Visits `q_proj`, `k_proj`, `v_proj` and `o_proj` under `prefix`.
@@ -175,27 +195,30 @@ impl Attention {
             None => (keys, values),
         };
 
-        let output = match mask {
-            AttentionMask::None => attention(
+        let output = match (self.softcap, mask) {
+            (Some(cap), mask) => {
+                softcapped_attention(&queries, &keys, &values, self.scale, cap, mask)
+            }
+            (None, AttentionMask::None) => attention(
                 &queries,
                 &keys,
                 &values,
                 self.scale,
                 AttentionKernelMask::None,
             ),
-            AttentionMask::Causal
+            (None, AttentionMask::Causal)
                 if uncached && seq >= 2 * CAUSAL_CHUNK && crate::runtime::on_cpu() =>
             {
                 chunked_causal_attention(&queries, &keys, &values, self.scale)
             }
-            AttentionMask::Causal => attention(
+            (None, AttentionMask::Causal) => attention(
                 &queries,
                 &keys,
                 &values,
                 self.scale,
                 AttentionKernelMask::Causal,
             ),
-            AttentionMask::Additive(mask) => attention(
+            (None, AttentionMask::Additive(mask)) => attention(
                 &queries,
                 &keys,
                 &values,
@@ -213,6 +236,93 @@ impl Attention {
 
 /// Queries per chunk of [`chunked_causal_attention`] (at least).
 const CAUSAL_CHUNK: i32 = 64;
+
+/// `cap * tanh(x / cap)`.
+pub fn softcap(x: &Array, cap: f32) -> Result<Array> {
+    let cap = Array::from_f32(cap).as_dtype(x.dtype());
+    cap.and_then(|cap| {
+        x.divide(&cap)
+            .and_then(|t| mlx_rs::ops::tanh(&t))
+            .and_then(|t| t.multiply(&cap))
+    })
+    .context(|| "soft-capping".to_owned())
+}
+
+/// Attention with soft-capped scores, composed op by op as transformers'
+/// eager Gemma 2 attention: `softmax(mask(cap * tanh(scale q k^T / cap))) v`
+/// with the softmax in float32; grouped heads by reshaping the queries.
+fn softcapped_attention(
+    queries: &Array,
+    keys: &Array,
+    values: &Array,
+    scale: f32,
+    cap: f32,
+    mask: &AttentionMask,
+) -> Result<Array> {
+    use mlx_rs::ops::indexing::{IndexOp, NewAxis};
+    let ctx = || "computing soft-capped attention".to_owned();
+    let (batch, heads, queries_len, dim) = (
+        queries.shape()[0],
+        queries.shape()[1],
+        queries.shape()[2],
+        queries.shape()[3],
+    );
+    let (kv_heads, keys_len) = (keys.shape()[1], keys.shape()[2]);
+    let repeats = heads / kv_heads;
+    let scale = Array::from_f32(scale)
+        .as_dtype(queries.dtype())
+        .context(ctx)?;
+    let q = queries
+        .multiply(&scale)
+        .and_then(|q| q.reshape(&[batch, kv_heads, repeats, queries_len, dim]))
+        .context(ctx)?;
+    let k = keys.index((.., .., NewAxis, .., ..));
+    let v = values.index((.., .., NewAxis, .., ..));
+    let scores = mlx_rs::ops::matmul(&q, k.swap_axes(-1, -2).context(ctx)?).context(ctx)?;
+    let scores = softcap(&scores, cap)?;
+    let lowest = Array::from_f32(f32::MIN)
+        .as_dtype(scores.dtype())
+        .context(ctx)?;
+    let scores = match mask {
+        AttentionMask::None => scores,
+        AttentionMask::Causal => {
+            let q_pos = mlx_rs::ops::arange::<_, i32>(keys_len - queries_len, keys_len, None)
+                .and_then(|a| a.reshape(&[queries_len, 1]))
+                .context(ctx)?;
+            let k_pos = mlx_rs::ops::arange::<_, i32>(0, keys_len, None).context(ctx)?;
+            let allowed = q_pos.ge(&k_pos).context(ctx)?;
+            mlx_rs::ops::select(&allowed, &scores, &lowest).context(ctx)?
+        }
+        AttentionMask::Additive(mask) => {
+            // [batch or 1, heads or 1, queries, keys] -> grouped heads.
+            let mask = if mask.ndim() == 4 && mask.shape()[1] == heads && repeats > 1 {
+                mask.reshape(&[mask.shape()[0], kv_heads, repeats, queries_len, keys_len])
+            } else if mask.ndim() == 4 {
+                Ok(mask.index((.., .., NewAxis, .., ..)))
+            } else {
+                Ok(mask.clone())
+            }
+            .context(ctx)?;
+            if mask.dtype() == mlx_rs::Dtype::Bool {
+                mlx_rs::ops::select(&mask, &scores, &lowest).context(ctx)?
+            } else {
+                scores
+                    .add(&mask.as_dtype(scores.dtype()).context(ctx)?)
+                    .context(ctx)?
+            }
+        }
+    };
+    let weights = mlx_rs::ops::softmax_axis(
+        &scores.as_dtype(mlx_rs::Dtype::Float32).context(ctx)?,
+        -1,
+        None,
+    )
+    .and_then(|w| w.as_dtype(values.dtype()))
+    .context(ctx)?;
+    mlx_rs::ops::matmul(&weights, &v)
+        .and_then(|o| o.reshape(&[batch, heads, queries_len, dim]))
+        .context(ctx)
+}
 
 /// Causal attention over a whole sequence, its queries taken in up to four
 /// chunks that each attend only to the keys up to their own end: on the

@@ -9,8 +9,8 @@
 //! and `block_sparse_moe.switch_mlp.*` for experts), so a family built on
 //! it maps Hugging Face checkpoints mostly by keeping names.
 
-use super::attention::{Attention, AttentionConfig, AttentionMask};
-use super::layers::{rms_norm, RmsNorm};
+use super::attention::{softcap, Attention, AttentionConfig, AttentionMask};
+use super::layers::{offset_rms_norm, RmsNorm};
 use super::linear::{embedding, linear, Embedding, Linear};
 use super::mask::{causal_mask_stored, segment_mask};
 use super::mlp::{Activation, SwiGlu};
@@ -58,9 +58,37 @@ pub struct DecoderConfig {
     pub sliding_windows: Vec<Option<usize>>,
     /// Experts instead of a dense MLP.
     pub moe: Option<MoeConfig>,
+    /// The variants real families need beyond LLaMA's block.
+    pub options: DecoderOptions,
+}
+
+/// Variations of the decoder that families select by configuration; the
+/// default is LLaMA's block.
+#[derive(Debug, Clone, Default)]
+pub struct DecoderOptions {
     /// RMSNorm over each query and key head before the rotary embedding
-    /// (`self_attn.q_norm` / `k_norm`, Qwen3).
+    /// (`self_attn.q_norm` / `k_norm`: Qwen3, Gemma 3).
     pub qk_norm: bool,
+    /// Added to every RMSNorm's stored scale (Gemma: 1, the norms scale by
+    /// `1 + weight`).
+    pub norm_offset: f32,
+    /// Multiply the embeddings by `sqrt(hidden_size)` (Gemma).
+    pub scale_embeddings: bool,
+    /// Norms after attention and around the MLP as well (Gemma 2 and 3):
+    /// `h + post_attention_layernorm(attn(input_layernorm(h)))`, then
+    /// `h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`.
+    pub sandwich_norms: bool,
+    /// Attention scores' scale instead of `head_dim^-0.5` (Gemma 2 and 3:
+    /// `query_pre_attn_scalar^-0.5`).
+    pub attention_scale: Option<f32>,
+    /// Attention scores soft-capped to `cap * tanh(scores / cap)` before
+    /// the mask (Gemma 2).
+    pub attention_softcap: Option<f32>,
+    /// Output logits soft-capped the same way (Gemma 2).
+    pub final_softcap: Option<f32>,
+    /// The rotary embedding of sliding-window layers, when it differs from
+    /// the global one (Gemma 3's local base).
+    pub sliding_rope: Option<Rope>,
 }
 
 /// One block.
@@ -78,9 +106,15 @@ pub struct DecoderBlock {
     /// Norm before attention.
     #[param]
     pub input_layernorm: RmsNorm,
-    /// Norm before the MLP.
+    /// Norm before the MLP (after attention, with sandwich norms).
     #[param]
     pub post_attention_layernorm: RmsNorm,
+    /// Norm before the MLP, with sandwich norms.
+    #[param]
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    /// Norm after the MLP, with sandwich norms.
+    #[param]
+    pub post_feedforward_layernorm: Option<RmsNorm>,
     window: Option<usize>,
 }
 
@@ -111,6 +145,8 @@ pub struct Decoder {
     rebuild_after: Option<usize>,
     packable_up_to: Option<usize>,
     gradient_checkpointing: bool,
+    embedding_scale: Option<f32>,
+    final_softcap: Option<f32>,
 }
 
 impl DecoderBlock {
@@ -124,12 +160,30 @@ impl DecoderBlock {
     ) -> Result<Array> {
         let ctx = || "running a decoder block".to_owned();
         let normed = self.input_layernorm.forward(h).context(ctx)?;
-        let h = h + self.self_attn.forward(&normed, mask, cache)?;
-        let normed = self.post_attention_layernorm.forward(&h).context(ctx)?;
+        let attended = self.self_attn.forward(&normed, mask, cache)?;
+        let (h, normed) = match &mut self.pre_feedforward_layernorm {
+            Some(pre) => {
+                let h = h + self
+                    .post_attention_layernorm
+                    .forward(&attended)
+                    .context(ctx)?;
+                let normed = pre.forward(&h).context(ctx)?;
+                (h, normed)
+            }
+            None => {
+                let h = h + attended;
+                let normed = self.post_attention_layernorm.forward(&h).context(ctx)?;
+                (h, normed)
+            }
+        };
         let fed = match (&mut self.mlp, &mut self.block_sparse_moe) {
             (Some(mlp), _) => mlp.forward(&normed)?,
             (None, Some(moe)) => moe.forward(&normed)?,
             (None, None) => unreachable!("a block has a dense MLP or experts"),
+        };
+        let fed = match &mut self.post_feedforward_layernorm {
+            Some(post) => post.forward(&fed).context(ctx)?,
+            None => fed,
         };
         Ok(h + fed)
     }
@@ -174,6 +228,8 @@ impl Decoder {
     /// Builds the model with zero placeholders for weights.
     pub fn new(config: &DecoderConfig) -> Result<Self> {
         let dims = &config.dims;
+        let options = &config.options;
+        let norm = |width: usize| offset_rms_norm(width, config.rms_norm_eps, options.norm_offset);
         if config.sliding_windows.len() != dims.num_layers {
             return Err(Error::InvalidArgument(format!(
                 "{} sliding-window entries for {} layers",
@@ -207,6 +263,16 @@ impl Decoder {
                         )?),
                     ),
                 };
+                let rope = match (&options.sliding_rope, window) {
+                    (Some(local), Some(_)) => local.clone(),
+                    _ => config.rope.clone(),
+                };
+                let sandwich = || {
+                    options
+                        .sandwich_norms
+                        .then(|| norm(dims.hidden_size))
+                        .transpose()
+                };
                 Ok(DecoderBlock {
                     self_attn: Attention::new(AttentionConfig {
                         hidden_size: dims.hidden_size,
@@ -215,14 +281,18 @@ impl Decoder {
                         head_dim: dims.head_dim,
                         qkv_bias: config.qkv_bias,
                         o_bias: config.o_bias,
-                        rope: config.rope.clone(),
+                        rope,
                         qk_layernorm: None,
-                        qk_norm: config.qk_norm.then_some(config.rms_norm_eps),
-                    })?,
+                        qk_norm: None,
+                    })?
+                    .with_qk_norm(options.qk_norm.then(|| norm(dims.head_dim)).transpose()?)
+                    .with_scores(options.attention_scale, options.attention_softcap),
                     mlp,
                     block_sparse_moe: moe,
-                    input_layernorm: rms_norm(dims.hidden_size, config.rms_norm_eps)?,
-                    post_attention_layernorm: rms_norm(dims.hidden_size, config.rms_norm_eps)?,
+                    input_layernorm: norm(dims.hidden_size)?,
+                    post_attention_layernorm: norm(dims.hidden_size)?,
+                    pre_feedforward_layernorm: sandwich()?,
+                    post_feedforward_layernorm: sandwich()?,
                     window,
                 })
             })
@@ -231,7 +301,7 @@ impl Decoder {
             model: DecoderStack {
                 embed_tokens: embedding(dims.vocab_size, dims.hidden_size)?,
                 layers,
-                norm: rms_norm(dims.hidden_size, config.rms_norm_eps)?,
+                norm: norm(dims.hidden_size)?,
             },
             lm_head: if config.tie_word_embeddings {
                 None
@@ -242,6 +312,10 @@ impl Decoder {
             rebuild_after: config.rope.rotation_changes_after(),
             packable_up_to: config.rope.length_independent_up_to(),
             gradient_checkpointing: false,
+            embedding_scale: options
+                .scale_embeddings
+                .then(|| (dims.hidden_size as f32).sqrt()),
+            final_softcap: options.final_softcap,
         })
     }
 }
@@ -259,6 +333,11 @@ impl Decoder {
         let queries = tokens.shape()[1] as usize;
         let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0) as usize;
         let mut h = self.model.embed_tokens.embed(tokens)?;
+        if let Some(scale) = self.embedding_scale {
+            // transformers casts the factor to the embeddings' dtype first.
+            let scale = Array::from_f32(scale).as_dtype(h.dtype()).context(ctx)?;
+            h = h.multiply(&scale).context(ctx)?;
+        }
         let checkpoint = self.gradient_checkpointing && cache.is_none();
         let random = checkpoint && self.draws_random()?;
         let mut masks: Vec<((Option<usize>, usize), AttentionMask)> = Vec::new();
@@ -284,9 +363,13 @@ impl Decoder {
             };
         }
         let h = self.model.norm.forward(&h).context(ctx)?;
-        match &mut self.lm_head {
+        let logits = match &mut self.lm_head {
             Some(head) => head.forward(&h),
             None => self.model.embed_tokens.forward(&h),
+        }?;
+        match self.final_softcap {
+            Some(cap) => softcap(&logits, cap),
+            None => Ok(logits),
         }
     }
 }
@@ -387,6 +470,8 @@ pub fn decoder_rules(tie_word_embeddings: bool) -> Vec<crate::mapping::Rule> {
         "block_sparse_moe.gate.weight",
         "input_layernorm.weight",
         "post_attention_layernorm.weight",
+        "pre_feedforward_layernorm.weight",
+        "post_feedforward_layernorm.weight",
     ];
     let mut rules = vec![
         Rule::drop(

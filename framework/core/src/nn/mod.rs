@@ -18,13 +18,13 @@ mod rope;
 pub use attention::{Attention, AttentionConfig, AttentionMask};
 pub use decoder::{
     check_packable, decoder_rules, output_rules, Decoder, DecoderBlock, DecoderConfig,
-    DecoderStack, MoeConfig,
+    DecoderOptions, DecoderStack, MoeConfig,
 };
 pub use kernels::{
     attention, kernels_isa, matvec, silu, softmax_last_axis, swiglu, AttentionKernelMask,
     QuantizedWeight, MATVEC_MAX_ROWS,
 };
-pub use layers::{layer_norm, rms_norm, LayerNorm, RmsNorm};
+pub use layers::{layer_norm, offset_rms_norm, rms_norm, LayerNorm, RmsNorm};
 pub use linear::{
     dequantize_rows, embedding, expert_linear, linear, set_dequantize_rows, Embedding, Linear,
 };
