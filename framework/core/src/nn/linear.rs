@@ -51,10 +51,15 @@ pub fn dequantize_rows() -> usize {
 /// the path for decoding and short prompts.
 pub const GPU_DEQUANTIZE_ROWS: usize = 512;
 
-/// The threshold that applies to a call on the current default device:
-/// `ZOO_DEQUANTIZE_ROWS` when set (read once; `never` or a row count), else
-/// [`dequantize_rows`] on the CPU and [`GPU_DEQUANTIZE_ROWS`] on a GPU.
-fn dequantize_rows_here() -> usize {
+/// The threshold that applies to a call on the current default device with
+/// inputs of `dtype`: `ZOO_DEQUANTIZE_ROWS` when set (read once; `never` or
+/// a row count), else [`dequantize_rows`] on the CPU and
+/// [`GPU_DEQUANTIZE_ROWS`] on a GPU, except float32 inputs on a GPU, which
+/// de-quantize from more than [`MATVEC_MAX_ROWS`] rows: MLX 0.32's CUDA
+/// quantized matmul for float32 (its `qmm_sm90_*_float32_*` kernels) fails
+/// to compile at run time on Hopper ("catastrophic error"; seen on an H200
+/// for 4 and 8 bits), while its matrix-vector kernels for decoding work.
+fn dequantize_rows_here(dtype: mlx_rs::Dtype) -> usize {
     static FROM_ENV: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let from_env = FROM_ENV.get_or_init(|| {
         let value = std::env::var("ZOO_DEQUANTIZE_ROWS").ok()?;
@@ -75,6 +80,7 @@ fn dequantize_rows_here() -> usize {
     match from_env {
         Some(rows) => *rows,
         None if crate::runtime::on_cpu() => dequantize_rows(),
+        None if dtype == mlx_rs::Dtype::Float32 => MATVEC_MAX_ROWS + 1,
         None => GPU_DEQUANTIZE_ROWS,
     }
 }
@@ -459,7 +465,7 @@ impl Linear {
         let output = match self.quantization {
             None if rows <= MATVEC_MAX_ROWS => matvec(x, self.weight.as_ref(), None)?,
             None => mlx_rs::ops::matmul(x, self.weight.as_ref().t()).context(ctx)?,
-            Some(_) if rows >= dequantize_rows_here() => {
+            Some(_) if rows >= dequantize_rows_here(x.dtype()) => {
                 let weight = self.float_weight()?.as_dtype(x.dtype()).context(ctx)?;
                 mlx_rs::ops::matmul(x, weight.t()).context(ctx)?
             }
