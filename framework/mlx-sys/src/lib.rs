@@ -50,7 +50,8 @@ pub extern "C" fn mach_approximate_time() -> u64 {
 /// streams run as before.
 pub const DEFAULT_BFS_MAX_WIDTH: &str = "4096";
 
-/// Sets [`DEFAULT_BFS_MAX_WIDTH`] and [`DEFAULT_ENABLE_TF32`] before `main`
+/// Sets [`DEFAULT_BFS_MAX_WIDTH`], [`DEFAULT_ENABLE_TF32`] and
+/// [`DEFAULT_CUDA_GRAPH_CACHE_SIZE`] before `main`
 /// (MLX reads the variables once, at the first evaluation, which may come
 /// before any of our code).
 #[cfg(target_os = "linux")]
@@ -66,7 +67,18 @@ extern "C" fn set_mlx_defaults() {
     if std::env::var_os("MLX_ENABLE_TF32").is_none() {
         std::env::set_var("MLX_ENABLE_TF32", DEFAULT_ENABLE_TF32);
     }
+    if std::env::var_os("MLX_CUDA_GRAPH_CACHE_SIZE").is_none() {
+        std::env::set_var("MLX_CUDA_GRAPH_CACHE_SIZE", DEFAULT_CUDA_GRAPH_CACHE_SIZE);
+    }
 }
+
+/// How many instantiated CUDA graphs MLX's CUDA backend keeps for reuse,
+/// unless `MLX_CUDA_GRAPH_CACHE_SIZE` is already set. MLX records each run
+/// of (by default) 20 kernels as a CUDA graph and caches 100 of them; a
+/// training step of a 16-layer model records well over 100, so with the
+/// default every step instantiated its graphs anew. Other backends ignore
+/// the variable.
+pub const DEFAULT_CUDA_GRAPH_CACHE_SIZE: &str = "1000";
 
 /// Whether MLX's CUDA backend may run float32 matmuls on TF32 tensor cores
 /// (10-bit mantissas), unless `MLX_ENABLE_TF32` is already set. MLX enables
