@@ -11,7 +11,7 @@ mod table;
 
 pub use pattern::{Captures, Pattern};
 pub use report::{Dropped, MappingReport, Renamed, ShapeMismatch, Tied, Transformed};
-pub use rules::{Rule, Transform};
+pub use rules::{Rule, TensorTransform, Transform};
 pub use table::{MappingPlan, MappingTable, Op};
 
 use crate::error::Result;

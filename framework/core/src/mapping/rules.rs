@@ -6,8 +6,21 @@ use super::pattern::Pattern;
 use crate::error::{MlxContext, Result};
 use mlx_rs::Array;
 
+/// A plugin's own tensor transformation for [`Transform::Custom`]: any
+/// one-to-one change of layout or values a checkpoint format needs (a scale,
+/// an offset, a permutation), given both ways so exports write the
+/// checkpoint's layout back.
+pub trait TensorTransform: std::fmt::Debug + Send + Sync {
+    /// Checkpoint layout to model layout.
+    fn apply(&self, tensor: &Array) -> Result<Array>;
+    /// Model layout back to checkpoint layout.
+    fn invert(&self, tensor: &Array) -> Result<Array>;
+    /// A short description for the mapping report.
+    fn describe(&self) -> String;
+}
+
 /// A tensor transformation that keeps a one-to-one name relation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Transform {
     /// Meta's original LLaMA layout interleaves the two rotary halves of
@@ -18,13 +31,36 @@ pub enum Transform {
         /// Number of heads in the projection's output.
         heads: usize,
     },
+    /// A plugin's own transformation.
+    Custom(std::sync::Arc<dyn TensorTransform>),
+}
+
+impl PartialEq for Transform {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                Transform::RotaryInterleavedToHalves { heads: a },
+                Transform::RotaryInterleavedToHalves { heads: b },
+            ) => a == b,
+            (Transform::Custom(a), Transform::Custom(b)) => {
+                std::sync::Arc::ptr_eq(a, b) || a.describe() == b.describe()
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Transform {
+    /// A plugin's transformation as a rule's transform.
+    pub fn custom(transform: impl TensorTransform + 'static) -> Self {
+        Transform::Custom(std::sync::Arc::new(transform))
+    }
+
     /// Checkpoint layout to model layout.
     pub fn apply(&self, tensor: &Array) -> Result<Array> {
         match self {
             Transform::RotaryInterleavedToHalves { heads } => rotary_permute(tensor, *heads, true),
+            Transform::Custom(t) => t.apply(tensor),
         }
     }
 
@@ -32,6 +68,7 @@ impl Transform {
     pub fn invert(&self, tensor: &Array) -> Result<Array> {
         match self {
             Transform::RotaryInterleavedToHalves { heads } => rotary_permute(tensor, *heads, false),
+            Transform::Custom(t) => t.invert(tensor),
         }
     }
 
@@ -41,6 +78,7 @@ impl Transform {
             Transform::RotaryInterleavedToHalves { heads } => {
                 format!("rotary interleaved -> halves ({heads} heads)")
             }
+            Transform::Custom(t) => t.describe(),
         }
     }
 }

@@ -180,6 +180,46 @@ fn rotary_permutation_inverts() {
     assert!(t.apply(&arange(&[6, 3])).is_err());
 }
 
+/// A plugin's transform: the checkpoint stores `weight - 1` (as Gemma's
+/// norms do), the model wants the scale itself.
+#[derive(Debug)]
+struct AddOne;
+
+impl TensorTransform for AddOne {
+    fn apply(&self, tensor: &Array) -> crate::Result<Array> {
+        Ok(tensor.add(Array::from_f32(1.0))?)
+    }
+    fn invert(&self, tensor: &Array) -> crate::Result<Array> {
+        Ok(tensor.subtract(Array::from_f32(1.0))?)
+    }
+    fn describe(&self) -> String {
+        "weight + 1".into()
+    }
+}
+
+#[test]
+fn a_plugin_transform_loads_reports_and_exports_back() {
+    let table = MappingTable::from_rules(vec![Rule::transform(
+        "ck.{L}.norm",
+        "m.{L}.norm",
+        Transform::custom(AddOne),
+    )]);
+    let plan = table.plan(
+        &names(&[("ck.0.norm", &[4])]),
+        &shapes(&[("m.0.norm", &[4])]),
+    );
+    assert!(plan.report.is_clean(), "{:?}", plan.report);
+    assert_eq!(plan.report.transformed[0].op, "weight + 1");
+    let stored = arange(&[4]);
+    let params = plan.execute(|_| Ok(stored.clone())).unwrap();
+    assert_eq!(params["m.0.norm"].as_slice::<f32>(), &[1.0, 2.0, 3.0, 4.0]);
+    let back = table.export(&params).unwrap();
+    assert_eq!(
+        back["ck.0.norm"].as_slice::<f32>(),
+        stored.as_slice::<f32>()
+    );
+}
+
 #[test]
 fn export_without_rule_is_an_error() {
     let table = MappingTable::from_rules(vec![Rule::keep("a")]);

@@ -248,6 +248,25 @@ impl Rope {
         Ok(rope)
     }
 
+    /// A rotary embedding over the first `dims` features of each head with
+    /// explicit periods (`dims / 2` of them, each 1 / inverse frequency) and
+    /// a scale of the rotated features' cos/sin (1 for none): how a plugin
+    /// brings a scaling [`RopeScaling`] does not name. It computes its
+    /// periods from its own config and builds the rope here.
+    pub fn from_periods(dims: usize, periods: &[f32], rotated_scale: f32) -> Result<Self> {
+        if periods.len() * 2 != dims || periods.iter().any(|p| !(p.is_finite() && *p > 0.0)) {
+            return Err(Error::InvalidArgument(format!(
+                "rotary periods: expected {} positive finite values (rotary dims / 2), got {:?}",
+                dims / 2,
+                periods
+            )));
+        }
+        let mut rope = Self::new(dims, 10000.0, None, 0)?;
+        rope.freqs = Some(Array::from_slice(periods, &[periods.len() as i32]));
+        rope.rotated_scale = (rotated_scale != 1.0).then_some(rotated_scale);
+        Ok(rope)
+    }
+
     /// Uses the interleaved ("traditional") pairing instead of halves.
     pub fn traditional(mut self, traditional: bool) -> Self {
         self.traditional = traditional;
@@ -473,6 +492,32 @@ mod tests {
             (grown as f64 - expected).abs() < 1e-2,
             "{grown} vs {expected}"
         );
+    }
+
+    #[test]
+    fn a_plugin_rope_from_periods_rotates_as_the_core_one() {
+        let x = mlx_rs::random::normal::<f32>(&[1, 2, 5, 8], None, None, None).unwrap();
+        let core = Rope::new(8, 500.0, None, 64).unwrap();
+        let periods: Vec<f32> = (0..4).map(|i| 500f32.powf((2 * i) as f32 / 8.0)).collect();
+        let plugin = Rope::from_periods(8, &periods, 1.0).unwrap();
+        let (a, b) = (core.apply(&x, 3).unwrap(), plugin.apply(&x, 3).unwrap());
+        let diff = a.subtract(&b).unwrap().abs().unwrap().max(None).unwrap();
+        assert!(diff.item_cast::<f32>() < 1e-5);
+        let scaled = Rope::from_periods(8, &periods, 2.0)
+            .unwrap()
+            .apply(&x, 3)
+            .unwrap();
+        let twice = a.multiply(Array::from_f32(2.0)).unwrap();
+        let diff = scaled
+            .subtract(&twice)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(None)
+            .unwrap();
+        assert!(diff.item_cast::<f32>() < 1e-5);
+        assert!(Rope::from_periods(8, &periods[..3], 1.0).is_err());
+        assert!(Rope::from_periods(8, &[1.0, 0.0, 2.0, 3.0], 1.0).is_err());
     }
 
     #[test]
