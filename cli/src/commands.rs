@@ -183,7 +183,7 @@ pub fn inspect(model: &Path, json: bool, layers: bool) -> Result<()> {
         println!("layers");
         for layer in &inspection.layers {
             let q = match layer.quantization {
-                Some(q) => format!("{} bits, group {}", q.bits, q.group_size),
+                Some(q) => describe_quantization(q),
                 None => "full precision".to_owned(),
             };
             println!(
@@ -197,11 +197,19 @@ pub fn inspect(model: &Path, json: bool, layers: bool) -> Result<()> {
     Ok(())
 }
 
+/// `4 bits, group 64`, with the mode named when it is not affine.
+fn describe_quantization(q: mlx_zoo::quantize::QuantSettings) -> String {
+    match q.mode {
+        mlx_zoo::quantize::QuantMode::Affine => format!("{} bits, group {}", q.bits, q.group_size),
+        mode => format!("{mode} ({} bits, group {})", q.bits, q.group_size),
+    }
+}
+
 fn print_quantization(q: &mlx_zoo::quantize::QuantizationReport) {
-    let mut by_setting: std::collections::BTreeMap<(u8, usize), Vec<&str>> = Default::default();
+    let mut by_setting: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
     for (layer, s) in &q.quantized {
         by_setting
-            .entry((s.bits, s.group_size))
+            .entry(describe_quantization(*s))
             .or_default()
             .push(layer);
     }
@@ -210,9 +218,9 @@ fn print_quantization(q: &mlx_zoo::quantize::QuantizationReport) {
         q.quantized.len(),
         q.kept.len()
     );
-    for ((bits, group), layers) in by_setting {
+    for (setting, layers) in by_setting {
         println!(
-            "    {bits} bits, group {group}: {} layers (e.g. {})",
+            "    {setting}: {} layers (e.g. {})",
             layers.len(),
             layers[0]
         );
@@ -228,6 +236,7 @@ pub struct ConvertArgs {
     pub out: std::path::PathBuf,
     pub q_bits: Option<u8>,
     pub q_group_size: usize,
+    pub q_mode: Option<String>,
     pub q_plan: Option<std::path::PathBuf>,
     pub q_recipe: Option<String>,
     pub dtype: Option<String>,
@@ -251,12 +260,23 @@ pub fn convert(args: &ConvertArgs) -> Result<()> {
             .num_layers;
         Some(QuantPlan::recipe(recipe, args.q_group_size, layers)?)
     } else {
-        args.q_bits.map(|bits| {
-            QuantPlan::uniform(QuantSettings {
-                bits,
-                group_size: args.q_group_size,
-            })
-        })
+        let mode = args
+            .q_mode
+            .as_deref()
+            .map(str::parse::<mlx_zoo::quantize::QuantMode>)
+            .transpose()?
+            .unwrap_or_default();
+        match mode.fixed() {
+            // A floating-point mode fixes its group; --q-bits may only repeat its bits.
+            Some((bits, group_size)) => Some(QuantPlan::uniform(QuantSettings {
+                bits: args.q_bits.unwrap_or(bits),
+                group_size,
+                mode,
+            })),
+            None => args
+                .q_bits
+                .map(|bits| QuantPlan::uniform(QuantSettings::affine(bits, args.q_group_size))),
+        }
     };
     let dtype = args
         .dtype

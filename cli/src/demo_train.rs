@@ -137,10 +137,7 @@ pub fn run(dir: &Path, scratch: &Path) -> Result<()> {
     println!("\n== 2. quantize the tuned model to 4 bits (groups of 32) ==");
     let tuned = scratch.join("tuned");
     mlx_zoo::export::save_mlx_model(&loaded, dir, &tuned, &Default::default())?;
-    let settings = mlx_zoo::quantize::QuantSettings {
-        bits: 4,
-        group_size: 32,
-    };
+    let settings = mlx_zoo::quantize::QuantSettings::affine(4, 32);
     let options = LoadOptions {
         quantize: Some(mlx_zoo::quantize::QuantPlan::uniform(settings)),
         ..Default::default()

@@ -263,10 +263,8 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         ..LoadOptions::default()
     };
     if args.shape.train_type == TrainType::Qlora {
-        let settings = mlx_zoo::quantize::QuantSettings {
-            bits: args.shape.q_bits,
-            group_size: args.shape.q_group_size,
-        };
+        let settings =
+            mlx_zoo::quantize::QuantSettings::affine(args.shape.q_bits, args.shape.q_group_size);
         settings.check().context("--q-bits / --q-group-size")?;
         options.quantize = Some(mlx_zoo::quantize::QuantPlan::uniform(settings));
     }
@@ -527,11 +525,9 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             dora: false,
         },
     };
-    let quantization =
-        (args.shape.train_type == TrainType::Qlora).then_some(mlx_zoo::quantize::QuantSettings {
-            bits: args.shape.q_bits,
-            group_size: args.shape.q_group_size,
-        });
+    let quantization = (args.shape.train_type == TrainType::Qlora).then_some(
+        mlx_zoo::quantize::QuantSettings::affine(args.shape.q_bits, args.shape.q_group_size),
+    );
     if let Some(q) = quantization {
         q.check().context("--q-bits / --q-group-size")?;
     }

@@ -118,6 +118,11 @@ enum Command {
         /// Inputs per quantization group (32, 64, 128).
         #[arg(long, default_value_t = 64)]
         q_group_size: usize,
+        /// The encoding: affine (default; --q-bits and --q-group-size), or
+        /// one of MLX's floating-point modes mxfp4, mxfp8, nvfp4 (their own
+        /// bits and groups), as `mlx_lm.convert --q-mode`.
+        #[arg(long, conflicts_with_all = ["q_plan", "q_recipe"])]
+        q_mode: Option<String>,
         /// A plan file: {"default": {"bits": 4, "group_size": 64}, "rules": [{"pattern": "layers.0-3.mlp", "bits": 8}, {"pattern": "lm_head", "keep": true}]}.
         #[arg(long, conflicts_with_all = ["q_bits", "q_recipe"])]
         q_plan: Option<PathBuf>,
@@ -492,6 +497,7 @@ fn run_parsed(mut cli: Cli) -> ExitCode {
             out,
             q_bits,
             q_group_size,
+            q_mode,
             q_plan,
             q_recipe,
             dtype,
@@ -502,6 +508,7 @@ fn run_parsed(mut cli: Cli) -> ExitCode {
             out,
             q_bits,
             q_group_size,
+            q_mode,
             q_plan,
             q_recipe,
             dtype,
@@ -549,10 +556,8 @@ fn run_parsed(mut cli: Cli) -> ExitCode {
                     seed,
                 },
                 stop_tokens: stop_ids,
-                kv_quantization: kv_bits.map(|bits| mlx_zoo::quantize::QuantSettings {
-                    bits,
-                    group_size: kv_group_size,
-                }),
+                kv_quantization: kv_bits
+                    .map(|bits| mlx_zoo::quantize::QuantSettings::affine(bits, kv_group_size)),
                 ..Default::default()
             },
         }),

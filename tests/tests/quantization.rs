@@ -20,7 +20,7 @@ fn load_with(dir: &Path, quantize: Option<QuantPlan>) -> mlx_zoo::Result<LoadedM
 }
 
 fn uniform(bits: u8, group_size: usize) -> Option<QuantPlan> {
-    Some(QuantPlan::uniform(QuantSettings { bits, group_size }))
+    Some(QuantPlan::uniform(QuantSettings::affine(bits, group_size)))
 }
 
 fn logits(model: &mut LoadedModel, case: &str) -> Vec<f32> {
@@ -288,10 +288,10 @@ fn affine_quantizer_matches_mlx_bit_for_bit() {
             parts.next().unwrap(),
             parts.next().unwrap(),
         );
-        let settings = QuantSettings {
-            bits: bits.trim_start_matches('b').parse().unwrap(),
-            group_size: group.trim_start_matches('g').parse().unwrap(),
-        };
+        let settings = QuantSettings::affine(
+            bits.trim_start_matches('b').parse().unwrap(),
+            group.trim_start_matches('g').parse().unwrap(),
+        );
         let w = &cases[matrix];
         let q = affine.quantize(w, settings).unwrap();
         let same = |a: &mlx_rs::Array, b: &mlx_rs::Array| {
@@ -356,6 +356,16 @@ fn mlx_lm_4bit_tied_qwen2_matches_mlx_lm() {
     mlx_zoo_tests::assert_parity("qwen2-q4");
 }
 
+/// Models mlx-lm quantized in MLX's floating-point modes (`--q-mode`):
+/// packed values with `uint8` scales and no biases, read through the mxfp
+/// layout and MLX's kernels for the mode.
+#[test]
+fn mlx_lm_float_modes_match_mlx_lm() {
+    for case in ["llama-gqa-mxfp4", "llama-gqa-mxfp8", "llama-gqa-nvfp4"] {
+        mlx_zoo_tests::assert_parity(case);
+    }
+}
+
 // Models written by mlx-zoo, read by mlx-lm (mlx_lm_reads_zoo.py records
 // mlx-lm's logits on them): the committed model must still be exactly what
 // mlx-zoo writes today, and mlx-lm's logits on it must equal ours.
@@ -388,6 +398,19 @@ fn mlx_lm_reads_our_4bit_llama_with_our_logits() {
 fn mlx_lm_reads_our_mixed_recipe_with_our_logits() {
     let plan = QuantPlan::recipe("mixed-4-6", 32, 2).unwrap();
     assert_mlx_lm_reads_what_we_write("zoo-llama-gqa-mixed", "llama-gqa", plan);
+}
+
+#[test]
+fn mlx_lm_reads_our_float_modes_with_our_logits() {
+    use mlx_zoo::quantize::QuantMode;
+    for (case, mode) in [
+        ("zoo-llama-gqa-mxfp4", QuantMode::Mxfp4),
+        ("zoo-llama-gqa-mxfp8", QuantMode::Mxfp8),
+        ("zoo-llama-gqa-nvfp4", QuantMode::Nvfp4),
+    ] {
+        let plan = QuantPlan::uniform(QuantSettings::of_mode(mode));
+        assert_mlx_lm_reads_what_we_write(case, "llama-gqa", plan);
+    }
 }
 
 #[test]

@@ -28,10 +28,7 @@ fn time(layer: &Linear, x: &Array) -> Result<f64, Box<dyn std::error::Error>> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("BLAS: {}", mlx_zoo_core::runtime::blas().name);
-    let settings = QuantSettings {
-        bits: 4,
-        group_size: 64,
-    };
+    let settings = QuantSettings::affine(4, 64);
     for (out, inp) in [(2048usize, 2048usize), (1408, 512)] {
         let key = mlx_rs::random::key(1)?;
         let w = mlx_rs::random::normal::<f32>(&[out as i32, inp as i32], None, None, &key)?;

@@ -465,7 +465,7 @@ impl Checkpoint {
     /// Loads `name` into MLX in its stored dtype (packed quantized weights
     /// are `U32`, GPTQ/AWQ ones `I32`).
     pub fn load_raw(&self, name: &str) -> Result<Array> {
-        self.read(name, &["U32", "I32", "F32", "F16", "BF16"])
+        self.read(name, &["U32", "U8", "I32", "F32", "F16", "BF16"])
     }
 
     /// Whether `name` is stored as F64 (NumPy's default), which MLX's CPU

@@ -11,8 +11,8 @@ use crate::error::{Error, MlxContext, Result};
 use crate::mapping::{MappingReport, TensorMeta, WeightMapper};
 use crate::model::{CausalLm, ModelDims};
 use crate::quantize::apply::{plan_from_config_block, QuantizeMode};
-use crate::quantize::QuantSettings;
 use crate::quantize::{quantize_model, QuantPlan, QuantizationReport};
+use crate::quantize::{QuantMode, QuantSettings};
 use crate::registry::{Candidate, Registry};
 use mlx_rs::module::ModuleParameters;
 use mlx_rs::{Array, Dtype};
@@ -323,7 +323,9 @@ impl Opened {
     /// Loads a tensor; packed quantized weights stay integers, everything
     /// else is cast to `dtype`.
     fn load_tensor(&self, name: &str, meta: Option<&TensorMeta>, dtype: Dtype) -> Result<Array> {
-        let packed = meta.is_some_and(|m| m.dtype == "U32");
+        // Packed values (U32) and the floating-point modes' byte scales (U8)
+        // stay as stored.
+        let packed = meta.is_some_and(|m| m.dtype == "U32" || m.dtype == "U8");
         match self.overlay.get(name) {
             Some((_, array)) if packed => Ok(array.clone()),
             Some((_, array)) => array
@@ -350,6 +352,20 @@ impl Opened {
             .prepared
             .weight_mapper(&tensors)
             .plan(&tensors, &expected_shapes(model.as_ref()));
+        // Scales stored as bytes mark MLX's floating-point modes.
+        let byte_scales = |source: &str| {
+            source
+                .split('+')
+                .next()
+                .and_then(|first| tensors.get(first))
+                .is_some_and(|meta| meta.dtype == "U8")
+        };
+        let scale_bytes: std::collections::BTreeSet<String> = plan
+            .produced
+            .iter()
+            .filter(|(name, (_, source))| name.ends_with(".scales") && byte_scales(source))
+            .map(|(name, _)| name.clone())
+            .collect();
         let produced: BTreeMap<String, Vec<i64>> = plan
             .produced
             .into_iter()
@@ -376,9 +392,26 @@ impl Opened {
                     "{path}: quantized weight with {words} packed columns and {groups} groups per row does not fit {input} input features"
                 )));
             }
+            let (bits, group_size) = (
+                u8::try_from(words * 32 / input).unwrap_or(u8::MAX),
+                input / groups,
+            );
+            let mode = if scale_bytes.contains(&format!("{path}.scales")) {
+                QuantMode::ALL
+                    .into_iter()
+                    .find(|m| m.fixed() == Some((bits, group_size)))
+                    .ok_or_else(|| {
+                        Error::Mapping(format!(
+                            "{path}: byte scales mark a floating-point mode, but {bits} bits in groups of {group_size} is none of mxfp4, mxfp8, nvfp4"
+                        ))
+                    })?
+            } else {
+                QuantMode::Affine
+            };
             let settings = QuantSettings {
-                bits: u8::try_from(words * 32 / input).unwrap_or(u8::MAX),
-                group_size: input / groups,
+                bits,
+                group_size,
+                mode,
             };
             settings
                 .check()
@@ -586,7 +619,12 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
             )))
         }
         (Some(plan), None) => {
-            let name = options.quantizer.as_deref().unwrap_or("affine");
+            // The plan's mode picks the quantizer unless the options name one.
+            let by_mode = match plan.default.map(|d| d.mode).unwrap_or_default() {
+                crate::quantize::QuantMode::Affine => "affine",
+                _ => "mxfp",
+            };
+            let name = options.quantizer.as_deref().unwrap_or(by_mode);
             let quantizer = registry.quantizer(name).ok_or_else(|| {
                 let known: Vec<&str> = registry.quantizers().iter().map(|q| q.name()).collect();
                 Error::InvalidArgument(format!(

@@ -22,6 +22,8 @@ pub use mlx_zoo_llama as llama;
 pub use mlx_zoo_lora as lora;
 /// The Mistral and Mixtral families.
 pub use mlx_zoo_mistral as mistral;
+/// MLX's floating-point quantization modes (mxfp4, mxfp8, nvfp4).
+pub use mlx_zoo_mxfp as mxfp;
 /// The Phi and Phi-3 families.
 pub use mlx_zoo_phi as phi;
 /// The Qwen2 and original Qwen families.

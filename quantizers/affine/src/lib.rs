@@ -12,7 +12,9 @@
 
 use mlx_rs::Array;
 use mlx_zoo_core::error::MlxContext;
-use mlx_zoo_core::quantize::{QuantSettings, QuantizedTensor, AFFINE_BITS, AFFINE_GROUP_SIZES};
+use mlx_zoo_core::quantize::{
+    QuantMode, QuantSettings, QuantizedTensor, AFFINE_BITS, AFFINE_GROUP_SIZES,
+};
 use mlx_zoo_core::{Error, Quantizer, Result};
 
 /// The affine quantizer.
@@ -41,6 +43,12 @@ impl Quantizer for AffineQuantizer {
         if shape.len() < 2 {
             return Err(Error::InvalidArgument(format!(
                 "affine quantization takes a [..., out, in] weight, got shape {shape:?}"
+            )));
+        }
+        if settings.mode != QuantMode::Affine {
+            return Err(Error::InvalidArgument(format!(
+                "the affine quantizer does not write {} (the mxfp quantizer does)",
+                settings.mode
             )));
         }
         settings.check_input(shape[shape.len() - 1] as usize)?;
@@ -80,7 +88,7 @@ mod tests {
         for group_size in [32usize, 64, 128] {
             let mut previous = f32::INFINITY;
             for bits in [2u8, 3, 4, 5, 6, 8] {
-                let settings = QuantSettings { bits, group_size };
+                let settings = QuantSettings::affine(bits, group_size);
                 let q = AffineQuantizer.quantize(&w, settings).unwrap();
                 assert_eq!(q.packed.shape(), &[8, 128 * bits as i32 / 32]);
                 assert_eq!(q.scales.shape(), &[8, 128 / group_size as i32]);
@@ -100,7 +108,9 @@ mod tests {
     #[test]
     fn unsupported_settings_are_refused() {
         let w = mlx_rs::ops::zeros::<f32>(&[4, 64]).unwrap();
-        let q = |bits, group_size| AffineQuantizer.quantize(&w, QuantSettings { bits, group_size });
+        let q = |bits, group_size| {
+            AffineQuantizer.quantize(&w, QuantSettings::affine(bits, group_size))
+        };
         assert!(q(7, 32).unwrap_err().to_string().contains("7 bits"));
         assert!(q(4, 48).unwrap_err().to_string().contains("group size 48"));
         assert!(q(4, 128)

@@ -1,8 +1,9 @@
 //! The linear layer every family uses. Its weight is either floating point
-//! (`[out, in]`) or quantized in MLX's affine group-wise layout: `weight`
-//! packed into `uint32` words (`[out, in * bits / 32]`), one `scales` and one
-//! `biases` entry per group of `group_size` inputs (`[out, in / group]`),
-//! which is how mlx-lm names and stores a quantized linear layer.
+//! (`[out, in]`) or quantized in one of MLX's group-wise layouts: `weight`
+//! packed into `uint32` words (`[out, in * bits / 32]`), one `scales` entry
+//! (and for the affine mode one `biases` entry) per group of `group_size`
+//! inputs (`[out, in / group]`), which is how mlx-lm names and stores a
+//! quantized linear layer.
 //!
 //! The same type serves as an embedding table (`[vocab, dims]`, looked up
 //! with [`Linear::embed`], and applied as the tied output projection with
@@ -235,14 +236,12 @@ impl Linear {
     pub fn float_weight(&self) -> Result<Array> {
         match self.quantization {
             None => Ok(self.weight.as_ref().clone()),
-            Some(q) => mlx_rs::ops::dequantize(
+            Some(q) => crate::quantize::ops::dequantize(
                 self.weight.as_ref(),
                 self.scales_array()?,
                 self.biases.as_ref().as_ref(),
-                q.group_size as i32,
-                q.bits as i32,
-            )
-            .context(|| "de-quantizing a weight".into()),
+                q,
+            ),
         }
     }
 
@@ -300,9 +299,17 @@ impl Linear {
             shape
         };
         let packed = mlx_rs::ops::zeros::<u32>(&shape(packed_cols)).context(ctx)?;
-        let scales = mlx_rs::ops::zeros::<f32>(&shape(groups)).context(ctx)?;
-        let biases = mlx_rs::ops::zeros::<f32>(&shape(groups)).context(ctx)?;
-        self.set_quantized(packed, scales, Some(biases), settings);
+        // The floating-point modes store 8-bit scales (E8M0 or E4M3).
+        let scales = match settings.mode.has_biases() {
+            true => mlx_rs::ops::zeros::<f32>(&shape(groups)),
+            false => mlx_rs::ops::zeros::<u8>(&shape(groups)),
+        }
+        .context(ctx)?;
+        let biases = match settings.mode.has_biases() {
+            true => Some(mlx_rs::ops::zeros::<f32>(&shape(groups)).context(ctx)?),
+            false => None,
+        };
+        self.set_quantized(packed, scales, biases, settings);
         Ok(())
     }
 
@@ -319,14 +326,7 @@ impl Linear {
                     Some(b) => Some(b.take_axis(ids, 0).context(ctx)?),
                     None => None,
                 };
-                mlx_rs::ops::dequantize(
-                    &rows,
-                    &scales,
-                    biases.as_ref(),
-                    q.group_size as i32,
-                    q.bits as i32,
-                )
-                .context(ctx)
+                crate::quantize::ops::dequantize(&rows, &scales, biases.as_ref(), q)
             }
         }
     }
@@ -355,19 +355,16 @@ impl Linear {
                 let weight = self.weight.as_ref().swap_axes(-1, -2).context(ctx)?;
                 mlx_rs::ops::gather_mm(x, &weight, None, indices, None).context(ctx)
             }
-            Some(q) => mlx_rs::ops::gather_qmm(
+            Some(q) => crate::quantize::ops::gather_qmm(
                 x,
                 self.weight.as_ref(),
                 self.scales_array()?,
                 self.biases.as_ref().as_ref(),
-                None,
                 indices,
                 true,
-                q.group_size as i32,
-                q.bits as i32,
-                None,
-            )
-            .context(ctx),
+                q,
+                false,
+            ),
         }
     }
 
@@ -469,6 +466,16 @@ impl Linear {
                 let weight = self.float_weight()?.as_dtype(x.dtype()).context(ctx)?;
                 mlx_rs::ops::matmul(x, weight.t()).context(ctx)?
             }
+            Some(q) if q.mode != crate::quantize::QuantMode::Affine => {
+                crate::quantize::ops::quantized_matmul(
+                    x,
+                    self.weight.as_ref(),
+                    self.scales_array()?,
+                    None,
+                    true,
+                    q,
+                )?
+            }
             Some(q) => matvec(
                 x,
                 self.weight.as_ref(),
@@ -497,10 +504,7 @@ mod tests {
         layer.weight = Param::new(w.clone());
         let float = layer.forward(&x).unwrap();
         let (packed, scales, biases) = mlx_rs::ops::quantize(&w, 32, 8).unwrap();
-        let settings = QuantSettings {
-            bits: 8,
-            group_size: 32,
-        };
+        let settings = QuantSettings::affine(8, 32);
         layer.set_quantized(packed, scales, Some(biases), settings);
         assert_eq!(layer.input_dims(), 64);
         set_dequantize_rows(usize::MAX);
@@ -525,10 +529,7 @@ mod tests {
     fn indivisible_input_is_refused() {
         let mut layer = linear(48, 4, false).unwrap();
         let err = layer
-            .quantized_placeholder(QuantSettings {
-                bits: 4,
-                group_size: 32,
-            })
+            .quantized_placeholder(QuantSettings::affine(4, 32))
             .unwrap_err();
         assert!(err.to_string().contains("48"), "{err}");
     }

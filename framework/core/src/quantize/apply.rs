@@ -1,13 +1,13 @@
 //! Applying a plan to a model, and the `quantization` block of an
 //! MLX-format `config.json` that records the result.
 //!
-//! The block is the one mlx-lm writes and reads: global `group_size` and
-//! `bits`, plus an entry per module path whose settings differ, either
-//! `{"group_size": G, "bits": B}` or `false` for a layer left in full
-//! precision.
+//! The block is the one mlx-lm writes and reads: global `group_size`,
+//! `bits` and `mode` (`affine` when absent), plus an entry per module path
+//! whose settings differ, either `{"group_size": G, "bits": B, "mode": M}`
+//! or `false` for a layer left in full precision.
 
 use super::plan::{LayerAction, QuantPlan};
-use super::{QuantSettings, Quantizer};
+use super::{QuantMode, QuantSettings, Quantizer};
 use crate::error::{Error, Result};
 use crate::model::CausalLm;
 use serde::Serialize;
@@ -92,14 +92,18 @@ pub fn quantize_model(
 impl QuantizationReport {
     /// The most common settings among quantized layers.
     pub fn dominant(&self) -> Option<QuantSettings> {
-        let mut counts: BTreeMap<(u8, usize), usize> = BTreeMap::new();
+        let mut counts: BTreeMap<(u8, usize, QuantMode), usize> = BTreeMap::new();
         for s in self.quantized.values() {
-            *counts.entry((s.bits, s.group_size)).or_default() += 1;
+            *counts.entry((s.bits, s.group_size, s.mode)).or_default() += 1;
         }
         counts
             .into_iter()
             .max_by_key(|(_, n)| *n)
-            .map(|((bits, group_size), _)| QuantSettings { bits, group_size })
+            .map(|((bits, group_size, mode), _)| QuantSettings {
+                bits,
+                group_size,
+                mode,
+            })
     }
 
     /// The `quantization` block for `config.json`, or `None` when nothing
@@ -109,12 +113,12 @@ impl QuantizationReport {
         let mut block = Map::new();
         block.insert("group_size".into(), json!(default.group_size));
         block.insert("bits".into(), json!(default.bits));
-        block.insert("mode".into(), json!("affine"));
+        block.insert("mode".into(), json!(default.mode.as_str()));
         for (path, settings) in &self.quantized {
             if *settings != default {
                 block.insert(
                     path.clone(),
-                    json!({"group_size": settings.group_size, "bits": settings.bits, "mode": "affine"}),
+                    json!({"group_size": settings.group_size, "bits": settings.bits, "mode": settings.mode.as_str()}),
                 );
             }
         }
@@ -146,9 +150,23 @@ pub fn plan_from_config_block(block: &Value) -> Result<QuantPlan> {
             )
         })
     };
+    let mode = |value: Option<&Value>, key: &str| -> Result<Option<QuantMode>> {
+        match value {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(name)) => name
+                .parse()
+                .map(Some)
+                .map_err(|e: Error| Error::config(format!("quantization.{key}"), e.to_string())),
+            Some(other) => Err(Error::config(
+                format!("quantization.{key}"),
+                format!("expected a mode name, found {other}"),
+            )),
+        }
+    };
     let default = QuantSettings {
         bits: bits(object.get("bits"), "bits")?,
         group_size: number(object.get("group_size"), "group_size")?,
+        mode: mode(object.get("mode"), "mode")?.unwrap_or_default(),
     };
     default
         .check()
@@ -160,6 +178,7 @@ pub fn plan_from_config_block(block: &Value) -> Result<QuantPlan> {
                 pattern: path.clone(),
                 bits: None,
                 group_size: None,
+                mode: None,
                 keep: true,
             }),
             Value::Object(settings) => rules.push(super::plan::PlanRule {
@@ -169,6 +188,7 @@ pub fn plan_from_config_block(block: &Value) -> Result<QuantPlan> {
                     settings.get("group_size"),
                     &format!("{path}.group_size"),
                 )?),
+                mode: mode(settings.get("mode"), &format!("{path}.mode"))?,
                 keep: false,
             }),
             _ => {}

@@ -7,7 +7,7 @@
 //! specificity: the later rule). A rule says "these settings" or "keep in
 //! full precision". A pattern that matches no layer is an error.
 
-use super::QuantSettings;
+use super::{QuantMode, QuantSettings};
 use crate::error::{Error, Result};
 use crate::module_pattern::ModulePattern;
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,9 @@ pub struct PlanRule {
     /// Group size, when quantizing (defaults to the plan's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_size: Option<usize>,
+    /// Mode, when quantizing (defaults to the plan's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<QuantMode>,
     /// Leave the matched layers unquantized.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep: bool,
@@ -79,6 +82,7 @@ impl QuantPlan {
             pattern,
             bits: Some(high),
             group_size: Some(group_size),
+            mode: None,
             keep: false,
         };
         let mut rules = Vec::new();
@@ -90,10 +94,7 @@ impl QuantPlan {
         rules.dedup();
         rules.push(high_rule("lm_head".into()));
         Ok(Self {
-            default: Some(QuantSettings {
-                bits: low,
-                group_size,
-            }),
+            default: Some(QuantSettings::affine(low, group_size)),
             rules,
         })
     }
@@ -130,7 +131,15 @@ impl QuantPlan {
                     .group_size
                     .or(self.default.map(|d| d.group_size))
                     .unwrap_or(64);
-                LayerAction::Quantize(QuantSettings { bits, group_size })
+                let mode = rule
+                    .mode
+                    .or(self.default.map(|d| d.mode))
+                    .unwrap_or_default();
+                LayerAction::Quantize(QuantSettings {
+                    bits,
+                    group_size,
+                    mode,
+                })
             };
             compiled.push((
                 rule.pattern.clone(),
@@ -195,7 +204,7 @@ mod tests {
     }
 
     fn q(bits: u8, group_size: usize) -> LayerAction {
-        LayerAction::Quantize(QuantSettings { bits, group_size })
+        LayerAction::Quantize(QuantSettings::affine(bits, group_size))
     }
 
     #[test]
@@ -218,6 +227,28 @@ mod tests {
     }
 
     #[test]
+    fn rules_inherit_or_set_the_mode() {
+        let plan = QuantPlan::from_json(
+            r#"{"default": {"bits": 4, "group_size": 32, "mode": "mxfp4"},
+                "rules": [{"pattern": "lm_head", "bits": 8, "group_size": 64, "mode": "affine"},
+                          {"pattern": "layers.0.self_attn.q_proj", "bits": 8}]}"#,
+            "plan.json",
+        )
+        .unwrap();
+        let decided = plan.resolve(&layers(), &[]).unwrap();
+        let settings = |name: &str| match decided[name] {
+            LayerAction::Quantize(s) => s,
+            LayerAction::Keep => panic!("{name} kept"),
+        };
+        assert_eq!(settings("model.layers.3.mlp.down_proj").mode, QuantMode::Mxfp4);
+        assert_eq!(settings("lm_head"), QuantSettings::affine(8, 64));
+        // 8 bits in mxfp4's groups of 32 is no mode: caught when applied.
+        let odd = settings("model.layers.0.self_attn.q_proj");
+        assert_eq!(odd.mode, QuantMode::Mxfp4);
+        assert!(odd.check().unwrap_err().to_string().contains("mxfp4 takes 4 bits"));
+    }
+
+    #[test]
     fn pattern_matching_nothing_is_an_error() {
         let plan = QuantPlan {
             default: None,
@@ -225,6 +256,7 @@ mod tests {
                 pattern: "layers.9-12.mlp".into(),
                 bits: Some(4),
                 group_size: Some(64),
+                mode: None,
                 keep: false,
             }],
         };
@@ -237,10 +269,7 @@ mod tests {
 
     #[test]
     fn never_quantize_hook_wins_over_the_plan() {
-        let plan = QuantPlan::uniform(QuantSettings {
-            bits: 4,
-            group_size: 64,
-        });
+        let plan = QuantPlan::uniform(QuantSettings::affine(4, 64));
         let decided = plan.resolve(&layers(), &["lm_head"]).unwrap();
         assert_eq!(decided["lm_head"], LayerAction::Keep);
     }
