@@ -231,16 +231,39 @@ fn print_quantization(q: &mlx_zoo::quantize::QuantizationReport) {
 }
 
 /// Arguments of `zoo convert`.
+#[derive(Debug, clap::Args)]
 pub struct ConvertArgs {
+    /// A model directory (config.json + weights) or a repo id (org/name@revision).
     pub model: std::path::PathBuf,
+    /// The output directory.
+    #[arg(long)]
     pub out: std::path::PathBuf,
+    /// Quantize every linear layer to this many bits (2, 3, 4, 5, 6, 8).
+    #[arg(long)]
     pub q_bits: Option<u8>,
+    /// Inputs per quantization group (32, 64, 128).
+    #[arg(long, default_value_t = 64)]
     pub q_group_size: usize,
+    /// The encoding: affine (default; --q-bits and --q-group-size), or
+    /// one of MLX's floating-point modes mxfp4, mxfp8, nvfp4 (their own
+    /// bits and groups), as `mlx_lm.convert --q-mode`.
+    #[arg(long, conflicts_with_all = ["q_plan", "q_recipe"])]
     pub q_mode: Option<String>,
+    /// A plan file: {"default": {"bits": 4, "group_size": 64}, "rules": [{"pattern": "layers.0-3.mlp", "bits": 8}, {"pattern": "lm_head", "keep": true}]}.
+    #[arg(long, conflicts_with_all = ["q_bits", "q_recipe"])]
     pub q_plan: Option<std::path::PathBuf>,
+    /// A ready-made mixed recipe: mixed-4-6, mixed-3-6, mixed-2-6.
+    #[arg(long, conflicts_with = "q_bits")]
     pub q_recipe: Option<String>,
+    /// Store float tensors as f32, f16 or bf16 (default: as loaded, f32).
+    #[arg(long)]
     pub dtype: Option<String>,
+    /// Start a new shard above this many MiB.
+    #[arg(long, default_value_t = 5120)]
     pub max_shard_mib: u64,
+    /// Replace a non-empty output directory (atomically: the old
+    /// output stays until the new one is complete).
+    #[arg(long)]
     pub force: bool,
 }
 

@@ -106,40 +106,7 @@ enum Command {
     /// Examples: zoo convert ./TinyLlama --out ./tiny-q4 --q-bits 4 --q-group-size 64
     ///           zoo convert ./TinyLlama --out ./tiny-mixed --q-recipe mixed-4-6
     ///           zoo convert ./TinyLlama --out ./tiny-plan --q-plan plan.json --dtype f16
-    Convert {
-        /// A model directory (config.json + weights) or a repo id (org/name@revision).
-        model: PathBuf,
-        /// The output directory.
-        #[arg(long)]
-        out: PathBuf,
-        /// Quantize every linear layer to this many bits (2, 3, 4, 5, 6, 8).
-        #[arg(long)]
-        q_bits: Option<u8>,
-        /// Inputs per quantization group (32, 64, 128).
-        #[arg(long, default_value_t = 64)]
-        q_group_size: usize,
-        /// The encoding: affine (default; --q-bits and --q-group-size), or
-        /// one of MLX's floating-point modes mxfp4, mxfp8, nvfp4 (their own
-        /// bits and groups), as `mlx_lm.convert --q-mode`.
-        #[arg(long, conflicts_with_all = ["q_plan", "q_recipe"])]
-        q_mode: Option<String>,
-        /// A plan file: {"default": {"bits": 4, "group_size": 64}, "rules": [{"pattern": "layers.0-3.mlp", "bits": 8}, {"pattern": "lm_head", "keep": true}]}.
-        #[arg(long, conflicts_with_all = ["q_bits", "q_recipe"])]
-        q_plan: Option<PathBuf>,
-        /// A ready-made mixed recipe: mixed-4-6, mixed-3-6, mixed-2-6.
-        #[arg(long, conflicts_with = "q_bits")]
-        q_recipe: Option<String>,
-        /// Store float tensors as f32, f16 or bf16 (default: as loaded, f32).
-        #[arg(long)]
-        dtype: Option<String>,
-        /// Start a new shard above this many MiB.
-        #[arg(long, default_value_t = 5120)]
-        max_shard_mib: u64,
-        /// Replace a non-empty output directory (atomically: the old
-        /// output stays until the new one is complete).
-        #[arg(long)]
-        force: bool,
-    },
+    Convert(commands::ConvertArgs),
     /// Merge an adapter (PEFT or mlx-lm) into MODEL and write the result.
     ///
     /// A quantized base is de-quantized, merged in float32 and re-quantized
@@ -349,9 +316,8 @@ fn fetch_sources(command: &mut Command, quiet: bool) -> anyhow::Result<()> {
     use sources::{local_dir, local_dir_opt};
     match command {
         Command::Demo { model } => local_dir_opt(model, quiet)?,
-        Command::Inspect { model, .. } | Command::Convert { model, .. } => {
-            *model = local_dir(model, quiet)?
-        }
+        Command::Inspect { model, .. } => *model = local_dir(model, quiet)?,
+        Command::Convert(args) => args.model = local_dir(&args.model, quiet)?,
         Command::Fuse { model, adapter, .. } | Command::ConvertAdapter { adapter, model, .. } => {
             *model = local_dir(model, quiet)?;
             *adapter = local_dir(adapter, quiet)?;
@@ -492,29 +458,7 @@ fn run_parsed(mut cli: Cli) -> ExitCode {
             json,
             layers,
         } => commands::inspect(&model, json, layers),
-        Command::Convert {
-            model,
-            out,
-            q_bits,
-            q_group_size,
-            q_mode,
-            q_plan,
-            q_recipe,
-            dtype,
-            max_shard_mib,
-            force,
-        } => commands::convert(&commands::ConvertArgs {
-            model,
-            out,
-            q_bits,
-            q_group_size,
-            q_mode,
-            q_plan,
-            q_recipe,
-            dtype,
-            max_shard_mib,
-            force,
-        }),
+        Command::Convert(args) => commands::convert(&args),
         Command::Generate {
             model,
             prompt_ids,
