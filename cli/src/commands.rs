@@ -349,6 +349,8 @@ pub struct GenerateArgs {
     pub prompt: Option<String>,
     pub chat: Option<String>,
     pub system: Option<String>,
+    /// A template name the checkpoint defines, or a Jinja file.
+    pub chat_template: Option<String>,
     pub tokenizer: Option<std::path::PathBuf>,
     pub stop: Vec<String>,
     pub adapter: Option<std::path::PathBuf>,
@@ -372,6 +374,16 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     } else {
         None
     };
+    // --chat-template: a file replaces the default template, a name picks one.
+    let (tokenizer, template_name) = match (tokenizer, &args.chat_template) {
+        (Some(mut tokenizer), Some(choice)) if Path::new(choice).is_file() => {
+            let text = std::fs::read_to_string(choice)
+                .with_context(|| format!("reading the chat template {choice}"))?;
+            tokenizer.set_chat_template(text);
+            (Some(tokenizer), None)
+        }
+        (tokenizer, choice) => (tokenizer, choice.as_deref()),
+    };
     let prompt_ids = match (&args.prompt, &args.chat, &tokenizer) {
         (Some(text), _, Some(tokenizer)) => tokenizer.encode(text, true)?,
         (_, Some(user), Some(tokenizer)) => {
@@ -388,7 +400,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                 content: user.clone(),
             });
             // The template writes the special tokens itself.
-            tokenizer.encode(&tokenizer.apply_chat_template(&messages, true)?, false)?
+            let rendered = tokenizer.apply_named_chat_template(&messages, true, template_name)?;
+            tokenizer.encode(&rendered, false)?
         }
         _ => args.prompt_ids.clone(),
     };

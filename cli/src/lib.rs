@@ -189,6 +189,12 @@ enum Command {
         /// A system message to put before --chat.
         #[arg(long, requires = "chat")]
         system: Option<String>,
+        /// Which chat template: a name the checkpoint gives one (e.g.
+        /// tool_use), or a Jinja file to use instead (default: the
+        /// checkpoint's `default`, from chat_template.jinja,
+        /// chat_template.json or tokenizer_config.json).
+        #[arg(long, requires = "chat")]
+        chat_template: Option<String>,
         /// Read the tokenizer from this directory instead of MODEL.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
@@ -465,6 +471,7 @@ fn run_parsed(mut cli: Cli) -> ExitCode {
             prompt,
             chat,
             system,
+            chat_template,
             tokenizer,
             stop,
             max_tokens,
@@ -485,6 +492,7 @@ fn run_parsed(mut cli: Cli) -> ExitCode {
             prompt,
             chat,
             system,
+            chat_template,
             tokenizer,
             stop,
             adapter,
