@@ -366,6 +366,40 @@ fn mlx_lm_float_modes_match_mlx_lm() {
     }
 }
 
+/// In bfloat16 the floating-point modes' byte scales stay bytes (they were
+/// cast with the float parameters, and MLX refused to de-quantize).
+#[test]
+fn float_modes_run_in_bfloat16() {
+    let registry = mlx_zoo::registry().unwrap();
+    for case in ["llama-gqa-mxfp4", "llama-gqa-nvfp4"] {
+        let mut model = loader::load(
+            &registry,
+            &fixture(case),
+            &LoadOptions {
+                dtype: ComputeDtype::Bfloat16,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        let r = reference(case);
+        let out = model
+            .model
+            .forward(&r.input_ids, None)
+            .unwrap()
+            .as_dtype(mlx_rs::Dtype::Float32)
+            .unwrap();
+        let expected = &r.logits;
+        let worst = out
+            .as_slice::<f32>()
+            .iter()
+            .zip(expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // bfloat16 keeps 8 bits of mantissa: logits of std 1 move by a few 1e-2.
+        assert!(worst < 0.1, "{case}: bfloat16 logits differ by {worst}");
+    }
+}
+
 // Models written by mlx-zoo, read by mlx-lm (mlx_lm_reads_zoo.py records
 // mlx-lm's logits on them): the committed model must still be exactly what
 // mlx-zoo writes today, and mlx-lm's logits on it must equal ours.

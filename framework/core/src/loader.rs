@@ -652,10 +652,12 @@ pub fn load(registry: &Registry, dir: &Path, options: &LoadOptions) -> Result<Lo
         (None, None) => QuantizationReport::default(),
     };
     if dtype != Dtype::Float32 {
-        // Placeholders not filled from the checkpoint are float32 zeros.
+        // Placeholders not filled from the checkpoint are float32 zeros;
+        // packed values (uint32) and byte scales (uint8) stay as stored.
         let mut cast = Vec::new();
         for (name, value) in model.parameters().flatten() {
-            if value.dtype() != dtype && value.dtype() != Dtype::Uint32 {
+            let integer = matches!(value.dtype(), Dtype::Uint32 | Dtype::Uint8);
+            if value.dtype() != dtype && !integer {
                 cast.push((
                     name.clone(),
                     value
