@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
         "mapping",
     ],
     // Checkpoint readers.
-    &["checkpoint", "prequantized"],
+    &["checkpoint", "prequantized", "gguf"],
     // Models and what runs them.
     &[
         "nn",

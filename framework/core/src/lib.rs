@@ -27,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod generate;
+pub mod gguf;
 pub mod loader;
 pub mod mapping;
 pub mod model;

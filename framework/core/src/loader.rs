@@ -455,6 +455,13 @@ fn is_quantized_checkpoint(config: &HfConfig) -> Result<bool> {
 }
 
 fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
+    if dir.is_file()
+        && dir
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return open_gguf(registry, dir);
+    }
     if !dir.is_dir() {
         return Err(Error::Io {
             path: dir.to_path_buf(),
@@ -484,6 +491,30 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
         quantized,
         overlay,
         replaced,
+    })
+}
+
+/// A GGUF file opened as a checkpoint: its config from the metadata, every
+/// tensor in the overlay under its Hugging Face name (see [`crate::gguf`]).
+fn open_gguf(registry: &Registry, path: &Path) -> Result<Opened> {
+    let (config, overlay) = crate::gguf::read_model(path)?;
+    let config = HfConfig::from_value(config)?;
+    let resolution = registry.resolve(&config)?;
+    let prepared = resolution.prepare(&config)?;
+    let quantized = is_quantized_checkpoint(&config)?;
+    Ok(Opened {
+        dir: path.to_path_buf(),
+        architecture: resolution.architecture.name().to_owned(),
+        reason: resolution.reason,
+        candidates: resolution.candidates,
+        never_quantize: resolution.architecture.info().never_quantize,
+        default_adapter_targets: resolution.architecture.info().default_adapter_targets,
+        prepared,
+        checkpoint: Checkpoint::open_files(&[])?,
+        config,
+        quantized,
+        overlay,
+        replaced: Vec::new(),
     })
 }
 

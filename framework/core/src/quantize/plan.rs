@@ -240,12 +240,19 @@ mod tests {
             LayerAction::Quantize(s) => s,
             LayerAction::Keep => panic!("{name} kept"),
         };
-        assert_eq!(settings("model.layers.3.mlp.down_proj").mode, QuantMode::Mxfp4);
+        assert_eq!(
+            settings("model.layers.3.mlp.down_proj").mode,
+            QuantMode::Mxfp4
+        );
         assert_eq!(settings("lm_head"), QuantSettings::affine(8, 64));
         // 8 bits in mxfp4's groups of 32 is no mode: caught when applied.
         let odd = settings("model.layers.0.self_attn.q_proj");
         assert_eq!(odd.mode, QuantMode::Mxfp4);
-        assert!(odd.check().unwrap_err().to_string().contains("mxfp4 takes 4 bits"));
+        assert!(odd
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("mxfp4 takes 4 bits"));
     }
 
     #[test]

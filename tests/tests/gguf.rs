@@ -1,0 +1,136 @@
+//! GGUF files written by llama.cpp's gguf-py (make_gguf_fixtures.py) from
+//! the float `llama-gqa` fixture: the float file gives transformers'
+//! logits, and every quantized layer (Q8_0, Q4_0, Q4_1) repacks into MLX's
+//! affine layout that de-quantizes to exactly what gguf-py de-quantizes.
+
+use mlx_rs::Array;
+use mlx_zoo::loader::{self, LoadOptions};
+use mlx_zoo_tests::{fixture, reference};
+use std::path::PathBuf;
+
+fn gguf(name: &str) -> PathBuf {
+    fixture("gguf").join(format!("llama-gqa-{name}.gguf"))
+}
+
+fn logits_diff(name: &str) -> f32 {
+    let registry = mlx_zoo::registry().unwrap();
+    let mut loaded = loader::load(&registry, &gguf(name), &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.architecture, "llama");
+    let r = reference("llama-gqa");
+    let out = loaded.model.forward(&r.input_ids, None).unwrap();
+    out.as_slice::<f32>()
+        .iter()
+        .zip(&r.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn a_float_gguf_matches_transformers() {
+    let f32_diff = logits_diff("f32");
+    assert!(f32_diff < 1e-4, "F32 GGUF: {f32_diff}");
+    // F16 rounds every weight to 11 significant bits.
+    let f16_diff = logits_diff("f16");
+    assert!(f16_diff < 2e-2, "F16 GGUF: {f16_diff}");
+}
+
+/// llama.cpp's `permute` (half-split rotary rows -> interleaved), written
+/// as the converter writes it, to compare in the file's own layout.
+fn permute(w: &Array, heads: i32) -> Array {
+    let (rows, cols) = (w.shape()[0], w.shape()[1]);
+    w.reshape(&[heads, 2, rows / heads / 2, cols])
+        .unwrap()
+        .swap_axes(1, 2)
+        .unwrap()
+        .reshape(&[rows, cols])
+        .unwrap()
+}
+
+#[test]
+fn quantized_ggufs_repack_exactly() {
+    let registry = mlx_zoo::registry().unwrap();
+    let expected =
+        Array::load_safetensors(fixture("gguf").join("dequantized.safetensors")).unwrap();
+    for (name, bits) in [("q8_0", 8), ("q4_0", 4), ("q4_1", 4)] {
+        let mut loaded = loader::load(&registry, &gguf(name), &LoadOptions::default()).unwrap();
+        assert_eq!(loaded.quantization.quantized.len(), 16, "{name}");
+        assert!(loaded
+            .quantization
+            .quantized
+            .values()
+            .all(|s| s.bits == bits && s.group_size == 32));
+        let mut checked = 0;
+        loaded
+            .model
+            .visit_linears(&mut |path, layer| {
+                let gguf_name = match path {
+                    "model.embed_tokens" => "token_embd.weight".to_owned(),
+                    "lm_head" => "output.weight".to_owned(),
+                    _ => {
+                        let parts: Vec<&str> = path.split('.').collect();
+                        let part = match parts[3..].join(".").as_str() {
+                            "self_attn.q_proj" => "attn_q",
+                            "self_attn.k_proj" => "attn_k",
+                            "self_attn.v_proj" => "attn_v",
+                            "self_attn.o_proj" => "attn_output",
+                            "mlp.gate_proj" => "ffn_gate",
+                            "mlp.up_proj" => "ffn_up",
+                            "mlp.down_proj" => "ffn_down",
+                            other => panic!("unexpected layer {other}"),
+                        };
+                        format!("blk.{}.{part}.weight", parts[2])
+                    }
+                };
+                let mut ours = layer.float_weight().unwrap();
+                if path.ends_with("q_proj") {
+                    ours = permute(&ours, 4);
+                } else if path.ends_with("k_proj") {
+                    ours = permute(&ours, 2);
+                }
+                let theirs = &expected[&format!("llama-gqa-{name}/{gguf_name}")];
+                assert_eq!(ours.shape(), theirs.shape(), "{name} {path}");
+                let same = mlx_rs::ops::array_eq(&ours, theirs, false)
+                    .unwrap()
+                    .item_exact::<bool>();
+                assert!(same, "{name} {path}: not what gguf-py de-quantizes");
+                checked += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(checked, 16, "{name}");
+        // The quantized model still computes the float model's logits
+        // approximately (8-bit closely).
+        let diff = logits_diff(name);
+        let bound = if bits == 8 { 0.1 } else { 1.0 };
+        assert!(diff < bound, "{name}: logits differ by {diff}");
+    }
+}
+
+#[test]
+fn broken_ggufs_are_refused_with_the_file_and_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(gguf("q4_0")).unwrap();
+    let registry = mlx_zoo::registry().unwrap();
+    // Cut inside the tensor data: the last tensor runs past the end.
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let error = loader::load(&registry, &cut, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("cut.gguf") && error.contains("run past the end of the file"),
+        "{error}"
+    );
+    // Cut inside the header.
+    let head = tmp.path().join("head.gguf");
+    std::fs::write(&head, &bytes[..40]).unwrap();
+    let error = loader::load(&registry, &head, &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("head.gguf") && error.contains("GGUF at byte"),
+        "{error}"
+    );
+}
