@@ -540,10 +540,7 @@ fn the_seed_api_creates_a_quantized_model_with_an_adapter_in_one_call() {
     let settings = mlx_zoo_tests::adapter_settings(8);
     let options = mlx_zoo::loader::LoadOptions {
         quantize: Some(mlx_zoo::quantize::QuantPlan::uniform(
-            mlx_zoo::quantize::QuantSettings {
-                bits: 4,
-                group_size: 32,
-            },
+            mlx_zoo::quantize::QuantSettings::affine(4, 32),
         )),
         adapter: Some(AdapterSpec {
             method: "lora".into(),

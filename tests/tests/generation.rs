@@ -205,10 +205,7 @@ fn a_quantized_kv_cache_tracks_the_float_cache_in_a_quarter_of_the_memory() {
     let mut errors = Vec::new();
     // Measured: 8 bits 1.2% of the largest logit, 4 bits 17%.
     for (bits, tolerance) in [(8, 0.02), (4, 0.25)] {
-        let settings = QuantSettings {
-            bits,
-            group_size: 32,
-        };
+        let settings = QuantSettings::affine(bits, 32);
         let mut cache = model.new_cache();
         cache.set_quantized(settings).unwrap();
         let quantized = stepwise_logits(model, &mut cache, &ids);
@@ -261,10 +258,7 @@ fn a_quantized_kv_cache_tracks_the_float_cache_in_a_quarter_of_the_memory() {
     // Generation takes the option; a group wider than the heads is refused.
     let options = GenerateOptions {
         max_tokens: 8,
-        kv_quantization: Some(QuantSettings {
-            bits: 8,
-            group_size: 32,
-        }),
+        kv_quantization: Some(QuantSettings::affine(8, 32)),
         ..Default::default()
     };
     let tokens: Vec<u32> = generate(model, &[1, 2, 3], options)
@@ -273,10 +267,7 @@ fn a_quantized_kv_cache_tracks_the_float_cache_in_a_quarter_of_the_memory() {
         .unwrap();
     assert_eq!(tokens.len(), 8);
     let options = GenerateOptions {
-        kv_quantization: Some(QuantSettings {
-            bits: 8,
-            group_size: 64,
-        }),
+        kv_quantization: Some(QuantSettings::affine(8, 64)),
         ..Default::default()
     };
     let Err(error) = generate(model, &[1, 2, 3], options) else {
@@ -301,12 +292,7 @@ fn a_quantized_sliding_window_cache_stays_bounded() {
     let mut float_cache = model.new_cache();
     let float = stepwise_logits(model, &mut float_cache, &ids);
     let mut cache = model.new_cache();
-    cache
-        .set_quantized(QuantSettings {
-            bits: 8,
-            group_size: 32,
-        })
-        .unwrap();
+    cache.set_quantized(QuantSettings::affine(8, 32)).unwrap();
     let quantized = stepwise_logits(model, &mut cache, &ids);
     assert!(
         cache.layers().iter().all(|l| l.stored() == 7),

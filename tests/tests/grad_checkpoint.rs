@@ -112,10 +112,7 @@ fn lora_and_qlora_get_the_same_gradients_with_checkpointing() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let registry = mlx_zoo::registry().unwrap();
     let q4 = LoadOptions {
-        quantize: Some(QuantPlan::uniform(QuantSettings {
-            bits: 4,
-            group_size: 32,
-        })),
+        quantize: Some(QuantPlan::uniform(QuantSettings::affine(4, 32))),
         ..Default::default()
     };
     for (case, options) in [

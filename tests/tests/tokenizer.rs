@@ -55,25 +55,7 @@ fn chat_template_renders_like_transformers() {
 /// The fixture tokenizer with `template` as its chat template, in a
 /// temporary directory.
 fn with_template(template: &str) -> (tempfile::TempDir, Tokenizer) {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tokenizer/char-128");
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        source.join("tokenizer.json"),
-        tmp.path().join("tokenizer.json"),
-    )
-    .unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(source.join("tokenizer_config.json")).unwrap(),
-    )
-    .unwrap();
-    config["chat_template"] = serde_json::Value::String(template.to_owned());
-    std::fs::write(
-        tmp.path().join("tokenizer_config.json"),
-        serde_json::to_string(&config).unwrap(),
-    )
-    .unwrap();
-    let tokenizer = Tokenizer::from_dir(tmp.path()).unwrap();
-    (tmp, tokenizer)
+    with_layout(Some(serde_json::Value::String(template.to_owned())), &[])
 }
 
 /// Hostile templates stop with an error naming the tokenizer folder within

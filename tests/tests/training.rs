@@ -312,10 +312,8 @@ fn full_fine_tuning_and_qlora_lower_the_loss() {
     assert_loss_halves(&l, 5, "full");
 
     let registry = mlx_zoo::registry().unwrap();
-    let quantize = mlx_zoo::quantize::QuantPlan::uniform(mlx_zoo::quantize::QuantSettings {
-        bits: 4,
-        group_size: 32,
-    });
+    let quantize =
+        mlx_zoo::quantize::QuantPlan::uniform(mlx_zoo::quantize::QuantSettings::affine(4, 32));
     let options = LoadOptions {
         quantize: Some(quantize),
         ..Default::default()
@@ -334,16 +332,8 @@ fn full_fine_tuning_and_qlora_lower_the_loss() {
     assert_loss_halves(&l, 6, "qlora");
 }
 
-#[test]
-fn a_non_finite_loss_stops_before_the_update() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dataset(dir.path(), false);
-    let mut loaded = with_lora(mlx_zoo_tests::load("llama-gqa"));
-    let mut trainer = Trainer::new(config(4, 1e-3), &data, 0).unwrap();
-    trainer.train_step(loaded.model.as_mut(), &data).unwrap();
-    let checkpoint = trainer
-        .save_checkpoint(loaded.model.as_mut(), &dir.path().join("ck"))
-        .unwrap();
+/// Fills every LoRA `B` factor with NaN, so the next loss is not finite.
+fn poison_lora_b(loaded: &mut LoadedModel) {
     loaded
         .model
         .visit_linears(&mut |_, layer| {
@@ -355,6 +345,19 @@ fn a_non_finite_loss_stops_before_the_update() {
             Ok(())
         })
         .unwrap();
+}
+
+#[test]
+fn a_non_finite_loss_stops_before_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), false);
+    let mut loaded = with_lora(mlx_zoo_tests::load("llama-gqa"));
+    let mut trainer = Trainer::new(config(4, 1e-3), &data, 0).unwrap();
+    trainer.train_step(loaded.model.as_mut(), &data).unwrap();
+    let checkpoint = trainer
+        .save_checkpoint(loaded.model.as_mut(), &dir.path().join("ck"))
+        .unwrap();
+    poison_lora_b(&mut loaded);
     let error = trainer
         .train_step(loaded.model.as_mut(), &data)
         .unwrap_err();
@@ -1027,17 +1030,7 @@ fn a_pipelined_run_stopped_by_a_non_finite_loss_keeps_the_parameters_before_it()
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path(), true);
     let mut loaded = with_lora(mlx_zoo_tests::load("llama-gqa"));
-    loaded
-        .model
-        .visit_linears(&mut |_, layer| {
-            if let Some(b) = layer.lora_b.as_ref().as_ref() {
-                let nan =
-                    mlx_rs::ops::full::<f32>(b.shape(), mlx_rs::Array::from_f32(f32::NAN)).unwrap();
-                layer.lora_b = mlx_rs::module::Param::new(Some(nan));
-            }
-            Ok(())
-        })
-        .unwrap();
+    poison_lora_b(&mut loaded);
     let mut before = trainable(&loaded);
     before.sort_by(|a, b| a.0.cmp(&b.0));
     let config = TrainConfig {

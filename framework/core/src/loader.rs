@@ -469,8 +469,6 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
         });
     }
     let config = HfConfig::from_file(&dir.join("config.json"))?;
-    let resolution = registry.resolve(&config)?;
-    let prepared = resolution.prepare(&config)?;
     let prequantized = crate::prequantized::detect(&config)?;
     let quantized = prequantized.is_some() || is_quantized_checkpoint(&config)?;
     let checkpoint = Checkpoint::open(dir)?;
@@ -478,20 +476,12 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
         Some(settings) => crate::prequantized::repack(&checkpoint, settings)?,
         None => (BTreeMap::new(), Vec::new()),
     };
-    Ok(Opened {
-        dir: dir.to_path_buf(),
-        architecture: resolution.architecture.name().to_owned(),
-        reason: resolution.reason,
-        candidates: resolution.candidates,
-        never_quantize: resolution.architecture.info().never_quantize,
-        default_adapter_targets: resolution.architecture.info().default_adapter_targets,
-        prepared,
+    let tensors = Tensors {
         checkpoint,
-        config,
-        quantized,
         overlay,
         replaced,
-    })
+    };
+    opened(registry, dir, config, quantized, tensors)
 }
 
 /// A GGUF file opened as a checkpoint: its config from the metadata, every
@@ -499,22 +489,47 @@ fn open(registry: &Registry, dir: &Path) -> Result<Opened> {
 fn open_gguf(registry: &Registry, path: &Path) -> Result<Opened> {
     let (config, overlay) = crate::gguf::read_model(path)?;
     let config = HfConfig::from_value(config)?;
+    let quantized = is_quantized_checkpoint(&config)?;
+    let tensors = Tensors {
+        checkpoint: Checkpoint::open_files(&[])?,
+        overlay,
+        replaced: Vec::new(),
+    };
+    opened(registry, path, config, quantized, tensors)
+}
+
+/// Where an opened model's tensors come from: the checkpoint, tensors that
+/// replace some of its own (repacked or read from another format), and the
+/// names replaced.
+struct Tensors {
+    checkpoint: Checkpoint,
+    overlay: crate::prequantized::Overlay,
+    replaced: Vec<String>,
+}
+
+/// Resolves `config` to an architecture and gathers what loading needs.
+fn opened(
+    registry: &Registry,
+    source: &Path,
+    config: HfConfig,
+    quantized: bool,
+    tensors: Tensors,
+) -> Result<Opened> {
     let resolution = registry.resolve(&config)?;
     let prepared = resolution.prepare(&config)?;
-    let quantized = is_quantized_checkpoint(&config)?;
     Ok(Opened {
-        dir: path.to_path_buf(),
+        dir: source.to_path_buf(),
         architecture: resolution.architecture.name().to_owned(),
         reason: resolution.reason,
         candidates: resolution.candidates,
         never_quantize: resolution.architecture.info().never_quantize,
         default_adapter_targets: resolution.architecture.info().default_adapter_targets,
         prepared,
-        checkpoint: Checkpoint::open_files(&[])?,
+        checkpoint: tensors.checkpoint,
         config,
         quantized,
-        overlay,
-        replaced: Vec::new(),
+        overlay: tensors.overlay,
+        replaced: tensors.replaced,
     })
 }
 
