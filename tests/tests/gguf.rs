@@ -134,3 +134,36 @@ fn broken_ggufs_are_refused_with_the_file_and_reason() {
         "{error}"
     );
 }
+
+/// K-quants, on random blocks (gguf-py de-quantizes them but does not
+/// write them): Q4_K repacks into MLX's affine layout exactly (8 groups of
+/// 32 per block, scale `d * sc`, bias `-dmin * m`), Q6_K (16-value scales,
+/// no affine group of 32) de-quantizes as llama.cpp does; both equal
+/// gguf-py's de-quantization bit for bit.
+#[test]
+fn k_quants_repack_or_dequantize_exactly() {
+    use mlx_zoo::gguf::{affine_tensor, tensor_values, GgufFile};
+    let file = GgufFile::open(&fixture("gguf").join("kquants.gguf")).unwrap();
+    let expected =
+        Array::load_safetensors(fixture("gguf").join("dequantized.safetensors")).unwrap();
+    let tensor = |name: &str| file.tensors.iter().find(|t| t.name == name).unwrap();
+    let q4k = tensor("q4_k");
+    let (packed, scales, biases, bits) = affine_tensor(&file, q4k).unwrap().unwrap();
+    assert_eq!(bits, 4);
+    let ours = mlx_rs::ops::dequantize(&packed, &scales, Some(&biases), 32, 4).unwrap();
+    let theirs = &expected["kquants/q4_k"];
+    assert_eq!(ours.shape(), theirs.shape());
+    assert!(
+        mlx_rs::ops::array_eq(&ours, theirs, false)
+            .unwrap()
+            .item_exact::<bool>(),
+        "Q4_K repacked differs from gguf-py"
+    );
+    let q6k = tensor("q6_k");
+    assert!(affine_tensor(&file, q6k).unwrap().is_none());
+    let values = tensor_values(&file, q6k).unwrap();
+    assert_eq!(
+        values.as_slice(),
+        expected["kquants/q6_k"].as_slice::<f32>()
+    );
+}

@@ -62,6 +62,8 @@ fn type_info(kind: u32) -> Option<(&'static str, u64, u64)> {
         2 => ("Q4_0", 32, 18),
         3 => ("Q4_1", 32, 20),
         8 => ("Q8_0", 32, 34),
+        12 => ("Q4_K", 256, 144),
+        14 => ("Q6_K", 256, 210),
         30 => ("BF16", 1, 2),
         _ => return None,
     })
@@ -260,7 +262,7 @@ impl GgufFile {
         let name = &tensor.name;
         let (_, block, block_bytes) = type_info(tensor.kind).ok_or_else(|| {
             self.bad(format!(
-                "tensor {name} is {}; this reader takes F32, F16, BF16, Q8_0, Q4_0 and Q4_1",
+                "tensor {name} is {}; this reader takes F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K",
                 type_name(tensor.kind)
             ))
         })?;
@@ -378,53 +380,180 @@ struct Repacked {
     bits: u32,
 }
 
+/// Q4_K's 6-bit scale and min of sub-block `j` (llama.cpp's
+/// `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The affine groups of 32 in one block of `kind`: codes, scale, bias.
+fn affine_groups(kind: u32, block: &[u8], out: &mut Vec<([u32; 32], f32, f32)>) {
+    let mut codes = [0u32; 32];
+    match kind {
+        8 => {
+            for (k, code) in codes.iter_mut().enumerate() {
+                *code = (block[2 + k] as i8 as i32 + 128) as u32;
+            }
+            let d = f16_at(block, 0);
+            out.push((codes, d, -128.0 * d));
+        }
+        2 | 3 => {
+            let start = if kind == 2 { 2 } else { 4 };
+            for j in 0..16 {
+                codes[j] = (block[start + j] & 0x0f) as u32;
+                codes[j + 16] = (block[start + j] >> 4) as u32;
+            }
+            let d = f16_at(block, 0);
+            let bias = if kind == 2 {
+                -8.0 * d
+            } else {
+                f16_at(block, 2)
+            };
+            out.push((codes, d, bias));
+        }
+        // Q4_K: 256 values in 8 groups of 32, each `d * sc * q - dmin * m`.
+        12 => {
+            let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+            let (scales, qs) = (&block[4..16], &block[16..144]);
+            for chunk in 0..4 {
+                let q = &qs[32 * chunk..32 * chunk + 32];
+                for (half, shift) in [(0, 0), (1, 4)] {
+                    let (sc, m) = scale_min_k4(2 * chunk + half, scales);
+                    for (l, code) in codes.iter_mut().enumerate() {
+                        *code = ((q[l] >> shift) & 0x0f) as u32;
+                    }
+                    out.push((codes, d * sc as f32, -(dmin * m as f32)));
+                }
+            }
+        }
+        _ => unreachable!("affine_groups is called for Q8_0, Q4_0, Q4_1 and Q4_K"),
+    }
+}
+
 fn repack(kind: u32, bytes: &[u8], rows: usize, cols: usize) -> Repacked {
-    let blocks = rows * cols / 32;
+    let (_, block_values, block_bytes) = type_info(kind).expect("checked when opened");
+    let blocks = rows * cols / block_values as usize;
     let bits = if kind == 8 { 8 } else { 4 };
+    let groups = rows * cols / 32;
     let mut out = Repacked {
-        packed: Vec::with_capacity(blocks * bits as usize),
-        scales: Vec::with_capacity(blocks),
-        biases: Vec::with_capacity(blocks),
+        packed: Vec::with_capacity(groups * bits as usize),
+        scales: Vec::with_capacity(groups),
+        biases: Vec::with_capacity(groups),
         bits,
     };
-    let mut codes = [0u32; 32];
+    let mut found = Vec::with_capacity(8);
     for b in 0..blocks {
-        let (scale, bias) = match kind {
-            8 => {
-                let block = &bytes[b * 34..b * 34 + 34];
-                for (k, code) in codes.iter_mut().enumerate() {
-                    *code = (block[2 + k] as i8 as i32 + 128) as u32;
-                }
-                let d = f16_at(block, 0);
-                (d, -128.0 * d)
+        let block = &bytes[b * block_bytes as usize..(b + 1) * block_bytes as usize];
+        found.clear();
+        affine_groups(kind, block, &mut found);
+        for (codes, scale, bias) in &found {
+            out.scales.push(*scale);
+            out.biases.push(*bias);
+            let per_word = (32 / bits) as usize;
+            for word in codes.chunks(per_word) {
+                out.packed.push(
+                    word.iter()
+                        .enumerate()
+                        .fold(0u32, |acc, (k, &c)| acc | (c << (bits as usize * k))),
+                );
             }
-            kind => {
-                let (size, start) = if kind == 2 { (18, 2) } else { (20, 4) };
-                let block = &bytes[b * size..b * size + size];
-                for j in 0..16 {
-                    codes[j] = (block[start + j] & 0x0f) as u32;
-                    codes[j + 16] = (block[start + j] >> 4) as u32;
-                }
-                let d = f16_at(block, 0);
-                if kind == 2 {
-                    (d, -8.0 * d)
-                } else {
-                    (d, f16_at(block, 2))
-                }
-            }
-        };
-        out.scales.push(scale);
-        out.biases.push(bias);
-        let per_word = (32 / bits) as usize;
-        for word in codes.chunks(per_word) {
-            out.packed.push(
-                word.iter()
-                    .enumerate()
-                    .fold(0u32, |acc, (k, &c)| acc | (c << (bits as usize * k))),
-            );
         }
     }
     out
+}
+
+/// Q6_K de-quantized (its 16-value sub-blocks have scales of their own, so
+/// no group of 32 is affine): llama.cpp's `dequantize_row_q6_K`.
+fn dequantize_q6_k(bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(bytes.len() / 210 * 256);
+    for block in bytes.chunks_exact(210) {
+        let (ql, qh, scales) = (&block[..128], &block[128..192], &block[192..208]);
+        let d = f16_at(block, 208);
+        let mut values = [0f32; 256];
+        for n in 0..2 {
+            let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &scales[8 * n..]);
+            for l in 0..32 {
+                let is = l / 16;
+                let q = |low: u8, high: u8| ((low | (high << 4)) as i8 - 32) as f32;
+                let q1 = q(ql[l] & 0x0f, qh[l] & 3);
+                let q2 = q(ql[l + 32] & 0x0f, (qh[l] >> 2) & 3);
+                let q3 = q(ql[l] >> 4, (qh[l] >> 4) & 3);
+                let q4 = q(ql[l + 32] >> 4, (qh[l] >> 6) & 3);
+                let y = &mut values[128 * n..];
+                y[l] = d * sc[is] as i8 as f32 * q1;
+                y[l + 32] = d * sc[is + 2] as i8 as f32 * q2;
+                y[l + 64] = d * sc[is + 4] as i8 as f32 * q3;
+                y[l + 96] = d * sc[is + 6] as i8 as f32 * q4;
+            }
+        }
+        out.extend_from_slice(&values);
+    }
+    out
+}
+
+/// A tensor's values as floats, `[rows, cols]` flattened: float types as
+/// stored, quantized ones de-quantized as llama.cpp does (for tests and
+/// for types MLX has no exact layout for).
+pub fn tensor_values(file: &GgufFile, tensor: &GgufTensor) -> Result<Vec<f32>> {
+    let bytes = file.bytes_of(tensor)?;
+    Ok(match tensor.kind {
+        0 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+            .collect(),
+        1 => bytes.chunks_exact(2).map(|c| f16_at(c, 0)).collect(),
+        30 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+            .collect(),
+        14 => dequantize_q6_k(bytes),
+        kind => {
+            let (_, block_values, block_bytes) = type_info(kind).expect("checked when opened");
+            let mut values =
+                Vec::with_capacity(bytes.len() / block_bytes as usize * block_values as usize);
+            let mut groups = Vec::with_capacity(8);
+            for block in bytes.chunks_exact(block_bytes as usize) {
+                groups.clear();
+                affine_groups(kind, block, &mut groups);
+                for (codes, scale, bias) in &groups {
+                    values.extend(codes.iter().map(|&c| scale * c as f32 + bias));
+                }
+            }
+            values
+        }
+    })
+}
+
+/// A quantized tensor in MLX's affine layout (`[rows, cols]` as
+/// `[rows, cols * bits / 32]` codes, `[rows, cols / 32]` scales and biases)
+/// and its bits, for the types that repack exactly (Q8_0, Q4_0, Q4_1,
+/// Q4_K); `None` for the others.
+pub fn affine_tensor(
+    file: &GgufFile,
+    tensor: &GgufTensor,
+) -> Result<Option<(Array, Array, Array, u32)>> {
+    if !matches!(tensor.kind, 2 | 3 | 8 | 12) {
+        return Ok(None);
+    }
+    let bytes = file.bytes_of(tensor)?;
+    let cols = tensor.dims[0] as usize;
+    let rows = (tensor.dims.iter().product::<u64>() / tensor.dims[0]) as usize;
+    let r = repack(tensor.kind, bytes, rows, cols);
+    let words = (cols as u32 * r.bits / 32) as i32;
+    let groups = (cols / 32) as i32;
+    Ok(Some((
+        Array::from_slice(&r.packed, &[rows as i32, words]),
+        Array::from_slice(&r.scales, &[rows as i32, groups]),
+        Array::from_slice(&r.biases, &[rows as i32, groups]),
+        r.bits,
+    )))
 }
 
 /// Tensors by Hugging Face name with their metadata.
@@ -464,7 +593,6 @@ pub fn read_model(path: &Path) -> Result<(Value, GgufTensors)> {
         }
         let hf = llama_name(&tensor.name)
             .ok_or_else(|| gguf.bad(format!("tensor {} has no llama equivalent", tensor.name)))?;
-        let bytes = gguf.bytes_of(tensor)?;
         let cols = tensor.dims[0] as usize;
         let rows = (tensor.dims.iter().product::<u64>() / tensor.dims[0]) as usize;
         let shape: Vec<i64> = tensor.dims.iter().rev().map(|&d| d as i64).collect();
@@ -488,18 +616,8 @@ pub fn read_model(path: &Path) -> Result<(Value, GgufTensors)> {
         };
         let dims: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
         match tensor.kind {
-            0 | 1 | 30 => {
-                let values: Vec<f32> = match tensor.kind {
-                    0 => bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                        .collect(),
-                    1 => bytes.chunks_exact(2).map(|c| f16_at(c, 0)).collect(),
-                    _ => bytes
-                        .chunks_exact(2)
-                        .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-                        .collect(),
-                };
+            0 | 1 | 30 | 14 => {
+                let values = tensor_values(&gguf, tensor)?;
                 let array = rows_in_order(Array::from_slice(&values, &dims))?;
                 let meta = TensorMeta {
                     shape,
@@ -507,15 +625,16 @@ pub fn read_model(path: &Path) -> Result<(Value, GgufTensors)> {
                 };
                 tensors.insert(hf, (meta, array));
             }
-            kind => {
-                let r = repack(kind, bytes, rows, cols);
-                quantized_bits.push(r.bits);
+            _ => {
+                let (packed, scales, biases, bits) = affine_tensor(&gguf, tensor)?
+                    .expect("float and Q6_K tensors are handled above");
+                quantized_bits.push(bits);
                 let stem = hf.strip_suffix(".weight").unwrap_or(&hf).to_owned();
-                let words = (cols as u32 * r.bits / 32) as i32;
+                let words = (cols as u32 * bits / 32) as i32;
                 let groups = (cols / 32) as i32;
-                let packed = rows_in_order(Array::from_slice(&r.packed, &[rows as i32, words]))?;
-                let scales = rows_in_order(Array::from_slice(&r.scales, &[rows as i32, groups]))?;
-                let biases = rows_in_order(Array::from_slice(&r.biases, &[rows as i32, groups]))?;
+                let packed = rows_in_order(packed)?;
+                let scales = rows_in_order(scales)?;
+                let biases = rows_in_order(biases)?;
                 let meta = |dtype: &str, last: i32| TensorMeta {
                     shape: vec![rows as i64, last as i64],
                     dtype: dtype.into(),
