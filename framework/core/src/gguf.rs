@@ -3,11 +3,13 @@
 //! against the memory-mapped file, and a model is turned into what the
 //! loader reads from a Hugging Face folder: a `config.json` value made from
 //! the metadata and tensors under Hugging Face names. Float types (F32, F16,
-//! BF16) load as floats; Q8_0, Q4_0 and Q4_1 are repacked exactly into MLX's
-//! affine layout (group 32: Q8_0's `d * q` as codes `q + 128` with scale `d`
-//! and bias `-128 d`, Q4_0's `d * (q - 8)` as scale `d` and bias `-8 d`,
-//! Q4_1's `d * q + m` as scale `d` and bias `m`), so the quantized matmul
-//! computes the same products. llama.cpp's converter stores the query and
+//! BF16) load as floats; Q8_0, Q4_0, Q4_1 and Q4_K are repacked exactly into
+//! MLX's affine layout (group 32: Q8_0's `d * q` as codes `q + 128` with
+//! scale `d` and bias `-128 d`, Q4_0's `d * (q - 8)` as scale `d` and bias
+//! `-8 d`, Q4_1's `d * q + m` as scale `d` and bias `m`, Q4_K's
+//! `d * sc * q - dmin * m` per 32 as scale `d * sc` and bias `-dmin * m`), so
+//! the quantized matmul computes the same products; Q6_K, whose 16-value
+//! scales fit no affine group, is de-quantized to floats. llama.cpp's converter stores the query and
 //! key rows of llama models in the interleaved rotary order; their rows are
 //! put back. Families: llama (and what llama.cpp writes as llama, such as
 //! SmolLM2 and Mistral); other architectures and types are refused by name.
