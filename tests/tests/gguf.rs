@@ -34,6 +34,25 @@ fn a_float_gguf_matches_transformers() {
     assert!(f16_diff < 2e-2, "F16 GGUF: {f16_diff}");
 }
 
+/// A qwen2 GGUF (biases, tied embeddings, rows not permuted) gives
+/// transformers' logits of the qwen2 fixture.
+#[test]
+fn a_qwen2_gguf_matches_transformers() {
+    let registry = mlx_zoo::registry().unwrap();
+    let path = fixture("gguf").join("qwen2-f32.gguf");
+    let mut loaded = loader::load(&registry, &path, &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.architecture, "qwen2");
+    let r = reference("qwen2");
+    let out = loaded.model.forward(&r.input_ids, None).unwrap();
+    let worst = out
+        .as_slice::<f32>()
+        .iter()
+        .zip(&r.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "qwen2 GGUF: {worst}");
+}
+
 /// llama.cpp's `permute` (half-split rotary rows -> interleaved), written
 /// as the converter writes it, to compare in the file's own layout.
 fn permute(w: &Array, heads: i32) -> Array {

@@ -12,7 +12,8 @@
 //! scales fit no affine group, is de-quantized to floats. llama.cpp's converter stores the query and
 //! key rows of llama models in the interleaved rotary order; their rows are
 //! put back. Families: llama (and what llama.cpp writes as llama, such as
-//! SmolLM2 and Mistral); other architectures and types are refused by name.
+//! SmolLM2 and Mistral) and qwen2; other architectures and types are
+//! refused by name.
 
 use crate::error::{Error, Result};
 use crate::mapping::TensorMeta;
@@ -561,7 +562,7 @@ pub fn affine_tensor(
 /// Tensors by Hugging Face name with their metadata.
 pub type GgufTensors = BTreeMap<String, (TensorMeta, Array)>;
 
-/// The model in a llama GGUF file as the loader reads a Hugging Face
+/// The model in a llama or qwen2 GGUF file as the loader reads a Hugging Face
 /// folder: its `config.json` (with a `quantization` block when tensors are
 /// quantized) and every tensor under its Hugging Face name (quantized ones
 /// as `.weight` codes, `.scales` and `.biases`).
@@ -572,12 +573,18 @@ pub fn read_model(path: &Path) -> Result<(Value, GgufTensors)> {
         .and_then(Value::as_str)
         .unwrap_or("<missing>")
         .to_owned();
-    if arch != "llama" {
-        return Err(gguf.bad(format!(
-            "general.architecture {arch:?}: this reader takes llama GGUF files so far"
-        )));
-    }
-    let key = |k: &str| format!("llama.{k}");
+    // llama.cpp permutes llama's query and key rows; qwen2 keeps
+    // transformers' order and adds q/k/v biases under the same names.
+    let (model_type, class, permuted) = match arch.as_str() {
+        "llama" => ("llama", "LlamaForCausalLM", true),
+        "qwen2" => ("qwen2", "Qwen2ForCausalLM", false),
+        _ => {
+            return Err(gguf.bad(format!(
+                "general.architecture {arch:?}: this reader takes llama and qwen2 GGUF files so far"
+            )))
+        }
+    };
+    let key = |k: &str| format!("{arch}.{k}");
     let heads = gguf.number(&key("attention.head_count"))? as usize;
     let kv_heads = gguf
         .get(&key("attention.head_count_kv"))
@@ -598,7 +605,9 @@ pub fn read_model(path: &Path) -> Result<(Value, GgufTensors)> {
         let cols = tensor.dims[0] as usize;
         let rows = (tensor.dims.iter().product::<u64>() / tensor.dims[0]) as usize;
         let shape: Vec<i64> = tensor.dims.iter().rev().map(|&d| d as i64).collect();
-        let rotary_heads = if hf.ends_with("q_proj.weight") {
+        let rotary_heads = if !permuted {
+            None
+        } else if hf.ends_with("q_proj.weight") {
             Some(heads)
         } else if hf.ends_with("k_proj.weight") {
             Some(kv_heads)
@@ -657,8 +666,8 @@ pub fn read_model(path: &Path) -> Result<(Value, GgufTensors)> {
         })
         .ok_or_else(|| gguf.bad("no llama.vocab_size and no tokenizer.ggml.tokens".into()))?;
     let mut config = Map::new();
-    config.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    config.insert("model_type".into(), json!("llama"));
+    config.insert("architectures".into(), json!([class]));
+    config.insert("model_type".into(), json!(model_type));
     config.insert("vocab_size".into(), json!(vocab));
     config.insert("hidden_size".into(), json!(hidden));
     config.insert(
