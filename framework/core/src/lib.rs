@@ -30,6 +30,7 @@ pub mod generate;
 pub mod gguf;
 pub mod loader;
 pub mod mapping;
+pub mod mlx_error;
 pub mod model;
 pub mod module_pattern;
 pub mod nn;

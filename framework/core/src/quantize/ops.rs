@@ -42,18 +42,22 @@ fn check_biases(settings: QuantSettings, biases: Option<&Array>) -> Result<()> {
     }
 }
 
-/// Wraps an mlx-c call that fills one array.
+/// Wraps an mlx-c call that fills one array; a failure carries MLX's message.
 fn one(op: &str, call: impl FnOnce(*mut mlx_sys::mlx_array) -> i32) -> Result<Array> {
     // SAFETY: `res` starts empty; the callee fills it on success and it is
     // freed on failure.
     unsafe {
         let mut res = mlx_sys::mlx_array_new();
-        if call(&mut res) == 0 {
-            return Ok(Array::from_ptr(res));
+        match crate::mlx_error::capture(|| call(&mut res)) {
+            Ok(()) => Ok(Array::from_ptr(res)),
+            Err(message) => {
+                mlx_sys::mlx_array_free(res);
+                Err(Error::InvalidArgument(format!(
+                    "MLX refused {op}: {message}"
+                )))
+            }
         }
-        mlx_sys::mlx_array_free(res);
     }
-    Err(Error::InvalidArgument(format!("MLX refused {op}")))
 }
 
 /// Quantizes `weight` (`[..., out, in]`): packed values, scales, and
