@@ -143,14 +143,23 @@ pub struct FinetuneArgs {
     /// Checkpoint every N steps (0: at the end only).
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
-    /// Continue from a checkpoint directory (OUT/checkpoints/step-N).
+    /// Continue from a checkpoint directory (OUT/checkpoints/step-N); a
+    /// data-parallel run may resume on another number of ranks.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// MLX's distributed backend when this process is one rank of several
+    /// (started by `zoo launch`, `mlx.launch` or `mpirun`): any takes the
+    /// one the launcher's environment names (a single process when none);
+    /// ring, mpi, nccl or jaccl insists on that one. --batch-size is then
+    /// the global batch, split over the ranks.
+    #[arg(long, env = "ZOO_DISTRIBUTED", default_value = "any")]
+    pub backend: String,
 }
 
 /// Prints the progress line and appends `metrics.jsonl`.
 struct Progress {
-    metrics: std::fs::File,
+    /// `None` on ranks other than 0, which write nothing.
+    metrics: Option<std::fs::File>,
     started: Instant,
     total: usize,
     first_step: usize,
@@ -164,10 +173,12 @@ impl Progress {
     /// [`trim_metrics`] cuts on resume).
     fn log(&mut self, value: serde_json::Value) {
         let line = format!("{value}\n");
-        if let Err(e) = self
-            .metrics
+        let Some(metrics) = &mut self.metrics else {
+            return;
+        };
+        if let Err(e) = metrics
             .write_all(line.as_bytes())
-            .and_then(|()| self.metrics.sync_data())
+            .and_then(|()| metrics.sync_data())
         {
             tracing::warn!("cannot append to metrics.jsonl: {e}");
         }
@@ -209,6 +220,7 @@ impl TrainHooks for Progress {
             "active_memory": r.active_memory, "peak_memory": r.peak_memory,
             "cache_memory": r.cache_memory,
             "eval_seconds": r.eval_seconds, "graph_seconds": r.graph_seconds,
+            "comm_seconds": r.comm_seconds, "comm_bytes": r.comm_bytes,
         }));
         if !self.quiet {
             let done = r.step - self.first_step;
@@ -246,6 +258,23 @@ impl TrainHooks for Progress {
 
 /// `zoo finetune`.
 pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
+    // Joined first: a rank with a broken environment fails before loading.
+    let backend: mlx_zoo::distributed::Backend = args.backend.parse().context("--backend")?;
+    let group =
+        mlx_zoo::distributed::Group::init(backend).context("joining the data-parallel group")?;
+    if group.size() > 1 && !quiet {
+        eprintln!(
+            "rank {} of {} over {} (global batch {}, {} per rank)",
+            group.rank(),
+            group.size(),
+            group.backend().map_or("-", |b| b.name()),
+            args.shape.batch_size,
+            args.shape.batch_size / group.size().max(1)
+        );
+    }
+    // Only rank 0 reports progress and writes files.
+    let main = group.is_main();
+    let quiet = quiet || !main;
     let registry = mlx_zoo::registry()?;
     let decay = match args.decay.as_str() {
         "constant" => Decay::Constant,
@@ -366,9 +395,11 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         pack: args.pack.then_some(args.shape.max_seq_len),
         streams: args.streams.unwrap_or_else(|| {
             if mlx_zoo::runtime::on_cpu() {
-                std::thread::available_parallelism()
-                    .map_or(1, |n| n.get())
-                    .min(args.shape.batch_size)
+                // Ranks on one machine share its cores.
+                (std::thread::available_parallelism().map_or(1, |n| n.get()) / group.size())
+                    .max(1)
+                    .min(args.shape.batch_size / group.size())
+                    .max(1)
             } else {
                 1
             }
@@ -380,7 +411,7 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         },
     };
     let pad = tokenizer.eos_ids().first().copied().unwrap_or(0);
-    let mut trainer = Trainer::new(config, &data, pad)?;
+    let mut trainer = Trainer::new(config, &data, pad)?.with_group(group)?;
     if let Some(checkpoint) = &args.resume {
         trainer.resume(loaded.model.as_mut(), checkpoint)?;
         if !quiet {
@@ -398,8 +429,10 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
             eprintln!("compiled steps: off (adapter dropout or several streams train uncompiled)");
         }
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
+    if main {
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -414,12 +447,17 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     // A resumed run keeps the lines up to its checkpoint; a fresh one
     // starts the file anew (lines of an earlier run in this folder would
     // repeat its steps).
-    trim_metrics(&metrics_path, trainer.step())?;
-    let metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let metrics = if main {
+        trim_metrics(&metrics_path, trainer.step())?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        Some(file)
+    } else {
+        None
+    };
     let mut progress = Progress {
         metrics,
         started: Instant::now(),
@@ -430,6 +468,9 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
     };
     let checkpoints = args.out.join("checkpoints");
     let summary = trainer.run(loaded.model.as_mut(), &data, &checkpoints, &mut progress)?;
+    if !main {
+        return Ok(());
+    }
     if summary.interrupted {
         eprintln!(
             "stopped at step {}; continue with --resume {}",

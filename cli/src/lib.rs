@@ -21,6 +21,7 @@
 mod commands;
 mod demo_train;
 mod finetune;
+mod launch;
 mod npy;
 mod output;
 mod sources;
@@ -251,6 +252,15 @@ enum Command {
     ///           zoo finetune ./TinyLlama --data train.jsonl --train-type qlora --q-bits 4 --mask-prompt
     ///           zoo finetune ./TinyLlama --data ./data --out ./run --resume ./run/checkpoints/step-000100
     Finetune(finetune::FinetuneArgs),
+    /// Start the ranks of a data-parallel run and supervise them: -n N on
+    /// this machine (MLX's ring over loopback, or NCCL with one GPU per
+    /// rank), or one per host of MLX's launcher hostfile over ssh. Output
+    /// lines are prefixed with their rank; when one rank fails the others
+    /// are stopped. `zoo finetune` also runs under `mlx.launch` and `mpirun`.
+    ///
+    /// Examples: zoo launch -n 2 -- finetune ./TinyLlama --data ./data --batch-size 8 --out ./run
+    ///           zoo launch --hostfile hosts.json -- finetune ./TinyLlama --data ./data --out ./run
+    Launch(launch::LaunchArgs),
     /// Estimate the memory of a training run before loading anything:
     /// weights (float or quantized), adapters, gradients, optimizer state and
     /// activations for the batch.
@@ -347,7 +357,7 @@ fn fetch_sources(command: &mut Command, quiet: bool) -> anyhow::Result<()> {
             args.model = local_dir(&args.model, quiet)?;
             local_dir_opt(&mut args.tokenizer, quiet)?;
         }
-        Command::Archs { .. } | Command::Info { .. } => {}
+        Command::Archs { .. } | Command::Info { .. } | Command::Launch(_) => {}
     }
     Ok(())
 }
@@ -455,6 +465,15 @@ fn run_parsed(mut cli: Cli) -> ExitCode {
     let quiet = cli.quiet;
     let result = match cli.command {
         Command::Finetune(args) => finetune::finetune(&args, quiet),
+        Command::Launch(args) => {
+            return match launch::launch(&args) {
+                Ok(code) => code,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::from(exit_code(&error))
+                }
+            }
+        }
         Command::Plan(args) => finetune::plan(&args),
         Command::Demo { model } => commands::demo(model.as_deref()),
         Command::Archs { json } => commands::archs(json),

@@ -882,3 +882,208 @@ fn finetune_killed_at_random_moments_resumes_to_the_same_losses() {
         "{resumed_from_checkpoint} of 20 rounds resumed from a checkpoint"
     );
 }
+
+/// `zoo launch -n 2 -- ARGS` (2 ranks over MLX's ring on loopback).
+fn zoo_launch(ranks: usize, args: &[String]) -> Output {
+    let mut all = vec![
+        "launch".to_string(),
+        "-n".into(),
+        ranks.to_string(),
+        "--".into(),
+    ];
+    all.extend(args.iter().cloned());
+    zoo(&all.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Every tensor of two safetensors files: the largest difference.
+fn max_tensor_diff(a: &Path, b: &Path) -> f32 {
+    let a = mlx_rs::Array::load_safetensors(a).unwrap();
+    let b = mlx_rs::Array::load_safetensors(b).unwrap();
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(name, x)| {
+            let y = &b[name];
+            let x = x.as_dtype(mlx_rs::Dtype::Float32).unwrap();
+            let y = y.as_dtype(mlx_rs::Dtype::Float32).unwrap();
+            x.subtract(&y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max(None)
+                .unwrap()
+                .item_cast::<f32>()
+        })
+        .fold(0f32, f32::max)
+}
+
+/// Two ranks with the global batch split between them make the updates one
+/// process makes with the whole batch: the same losses within 1e-5 over 5
+/// steps and the same adapter, for LoRA (also accumulating, packed and
+/// recomputing activations) and full fine-tuning; only rank 0 writes.
+#[test]
+fn two_ranks_train_like_one_process_with_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    write_sums(&data);
+    let cases: [(&str, &[&str]); 3] = [
+        ("lora", &[]),
+        (
+            "lora-accum-packed",
+            &["--grad-accum", "2", "--pack", "--grad-checkpoint"],
+        ),
+        ("full", &["--train-type", "full"]),
+    ];
+    for (name, extra) in cases {
+        let run = |out: &Path| {
+            let mut args = finetune_args(&data, out);
+            args.extend(["--iters", "5", "--mask-prompt", "--decay", "constant"].map(String::from));
+            args.extend(extra.iter().map(|a| a.to_string()));
+            args
+        };
+        let single = dir.path().join(format!("{name}-1"));
+        stdout(&zoo(&run(&single)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()));
+        let ranks = dir.path().join(format!("{name}-2"));
+        let launched = zoo_launch(2, &run(&ranks));
+        let text = stdout(&launched);
+        let err = String::from_utf8_lossy(&launched.stderr);
+        assert!(err.contains("zoo launch: 2 ranks over ring"), "{err}");
+        assert!(text.contains("[rank 0] trained 5 steps"), "{text}");
+        assert!(
+            !text.contains("[rank 1] trained"),
+            "rank 1 reported: {text}"
+        );
+        let (one, two) = (step_losses(&single), step_losses(&ranks));
+        assert_eq!(one.len(), 5, "{name}");
+        assert_eq!(two.len(), 5, "{name}");
+        for (a, b) in one.iter().zip(&two) {
+            assert!((a.1 - b.1).abs() < 1e-5, "{name}: {one:?} vs {two:?}");
+        }
+        let metrics = std::fs::read_to_string(ranks.join("metrics.jsonl")).unwrap();
+        assert!(metrics.contains("\"comm_bytes\""), "{metrics}");
+        let trained = if name == "full" {
+            "model/model.safetensors"
+        } else {
+            "adapters/adapters.safetensors"
+        };
+        let diff = max_tensor_diff(&single.join(trained), &ranks.join(trained));
+        assert!(diff < 1e-4, "{name}: adapters differ by {diff}");
+    }
+}
+
+/// A checkpoint written by 2 ranks resumes in 1 process (the batch size is
+/// global, the data position too): the same losses as the 2-rank run.
+#[test]
+fn a_two_rank_checkpoint_resumes_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    write_sums(&data);
+    let two = dir.path().join("two");
+    let mut args = finetune_args(&data, &two);
+    args.extend(["--iters", "6", "--mask-prompt", "--save-every", "3"].map(String::from));
+    stdout(&zoo_launch(2, &args));
+    let losses = step_losses(&two);
+    let one = dir.path().join("one");
+    let checkpoint = two.join("checkpoints/step-000003");
+    let mut args = finetune_args(&data, &one);
+    args.extend(["--iters", "6", "--mask-prompt", "--save-every", "3"].map(String::from));
+    args.extend([
+        "--resume".to_string(),
+        checkpoint.to_str().unwrap().to_string(),
+    ]);
+    stdout(&zoo(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let resumed = step_losses(&one);
+    assert_eq!(resumed.len(), 3);
+    for (a, b) in losses[3..].iter().zip(&resumed) {
+        assert_eq!(a.0, b.0);
+        assert!((a.1 - b.1).abs() < 1e-5, "{losses:?} vs {resumed:?}");
+    }
+}
+
+/// A global batch the ranks cannot split is refused by name, and a rank
+/// that dies stops the run within seconds with the rank and status named.
+#[test]
+fn launch_reports_bad_splits_and_dead_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    write_sums(&data);
+    let mut args = finetune_args(&data, &dir.path().join("odd"));
+    let batch = args.iter().position(|a| a == "--batch-size").unwrap();
+    args[batch + 1] = "3".into();
+    args.extend(["--iters", "2"].map(String::from));
+    let odd = zoo_launch(2, &args);
+    assert_eq!(odd.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&odd.stderr);
+    assert!(
+        err.contains("batch size 3") && err.contains("2 ranks"),
+        "{err}"
+    );
+    assert!(err.contains("zoo launch: rank"), "{err}");
+
+    // A long run; rank 1 is killed once rank 0 has logged a step.
+    let out = dir.path().join("long");
+    let mut args = finetune_args(&data, &out);
+    args.extend(["--iters", "100000", "--save-every", "0"].map(String::from));
+    let mut all = vec!["launch".to_string(), "-n".into(), "2".into(), "--".into()];
+    all.extend(args);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(&all)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (sender, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let pid_line = lines
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .into_iter()
+        .chain(lines.iter())
+        .find(|l| l.contains("rank 1 pid"))
+        .unwrap();
+    let pid: i32 = pid_line
+        .rsplit("rank 1 pid ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !out.join("metrics.jsonl").is_file()
+        || std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .is_empty()
+    {
+        assert!(started.elapsed().as_secs() < 60, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: signalling a process this test started (through zoo launch).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let killed = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(killed.elapsed().as_secs() < 20, "zoo launch did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert_eq!(status.code(), Some(137), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("rank 1 exited with status 137; stopping the other ranks")),
+        "{rest:?}"
+    );
+}

@@ -13,6 +13,8 @@ pub use mlx_zoo_core::*;
 
 /// MLX's affine group-wise quantizer.
 pub use mlx_zoo_affine as affine;
+/// Data-parallel groups and collectives on MLX's distributed layer.
+pub use mlx_zoo_distributed as distributed;
 pub use mlx_zoo_gemma as gemma;
 /// The Hugging Face hub client: repo ids to cached local directories.
 pub use mlx_zoo_hub as hub;

@@ -55,6 +55,10 @@ pub enum TrainError {
     /// An error of the model or MLX.
     #[error(transparent)]
     Model(#[from] mlx_zoo_core::Error),
+    /// A data-parallel run's communication failed (a rank gone, a broken
+    /// connection).
+    #[error("data-parallel training: {0}")]
+    Distributed(#[from] mlx_zoo_distributed::DistributedError),
     /// An MLX error raised inside a transform.
     #[error("MLX: {0}")]
     Mlx(#[from] mlx_rs::error::Exception),

@@ -3,7 +3,11 @@
 //! tokens, clipping by global norm, the scheduled learning rate, one
 //! optimizer update), [`Trainer::evaluate`], checkpoints that resume bit for
 //! bit, and [`Trainer::run`] with [`TrainHooks`] for logging, evaluation and
-//! stopping.
+//! stopping. Given a [`Group`] of ranks ([`Trainer::with_group`]) it trains
+//! data-parallel: each rank takes its share of every global batch, and the
+//! gradients, losses and token counts are summed over the ranks in a few
+//! fused buffers, so N ranks make the update one process makes on the
+//! whole batch.
 
 use crate::batch::{make_batch, make_packed_batch, pad_batch, Batch, BatchOrder, BatchPosition};
 use crate::compiled::{CompiledFunction, CompiledLossGrad};
@@ -16,6 +20,7 @@ use mlx_rs::error::Exception;
 use mlx_rs::module::{FlattenedModuleParam, ModuleParameters};
 use mlx_rs::Array;
 use mlx_zoo_core::CausalLm;
+use mlx_zoo_distributed::{fused, Group};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -154,6 +159,11 @@ pub struct StepReport {
     /// The rest of the step's seconds: batching and building the graphs
     /// (forward, autodiff, update) on the host.
     pub graph_seconds: f32,
+    /// Seconds of this step spent summing gradients and counts over the
+    /// ranks of a data-parallel run (0 in a single process).
+    pub comm_seconds: f32,
+    /// Bytes this rank contributed to those sums.
+    pub comm_bytes: usize,
 }
 
 /// Callbacks of [`Trainer::run`]; every method has a do-nothing default.
@@ -285,6 +295,10 @@ pub struct Trainer {
     /// When the last pipelined step completed (steps overlap, so a step's
     /// time runs from there).
     last_completed: Option<Instant>,
+    /// The ranks of a data-parallel run (a group of one otherwise).
+    group: Group,
+    /// Time and bytes of the current step's communication.
+    comm: (std::time::Duration, usize),
 }
 
 /// What a checkpoint records besides the arrays.
@@ -327,7 +341,44 @@ impl Trainer {
             compiled_update: CompiledFunction::new(),
             compiled_for: 0,
             last_completed: None,
+            group: Group::single(),
+            comm: (std::time::Duration::ZERO, 0),
         })
+    }
+
+    /// The trainer of one rank of a data-parallel run over `group`:
+    /// `batch_size` is the global batch, which the ranks split in rank
+    /// order. Every rank must run the same model, data and settings.
+    pub fn with_group(mut self, group: Group) -> Result<Self> {
+        if self.config.batch_size % group.size() != 0 {
+            return Err(TrainError::InvalidSetting(format!(
+                "the batch size {} is the global batch and must be divisible by the {} ranks",
+                self.config.batch_size,
+                group.size()
+            )));
+        }
+        self.group = group;
+        Ok(self)
+    }
+
+    /// The ranks this trainer trains with.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// This rank's share of a global batch's example indices (all of them
+    /// in a single process): contiguous, in rank order.
+    fn my_share(&self, indices: Vec<usize>) -> Vec<usize> {
+        let size = self.group.size();
+        if size == 1 {
+            return indices;
+        }
+        let share = indices.len().div_ceil(size);
+        indices
+            .into_iter()
+            .skip(share * self.group.rank())
+            .take(share)
+            .collect()
     }
 
     /// The run's settings.
@@ -356,6 +407,7 @@ impl Trainer {
     /// The next training batch in the seeded order.
     pub fn next_batch(&mut self, data: &Dataset) -> Result<Batch> {
         let indices = self.order.next_indices();
+        let indices = self.my_share(indices);
         let examples: Vec<&Example> = indices.iter().map(|&i| &data.train[i]).collect();
         self.batch_of(&examples)
     }
@@ -364,6 +416,7 @@ impl Trainer {
     /// (contiguous shares of its examples; fewer when it is short).
     fn next_shards(&mut self, data: &Dataset) -> Result<Vec<Batch>> {
         let indices = self.order.next_indices();
+        let indices = self.my_share(indices);
         let examples: Vec<&Example> = indices.iter().map(|&i| &data.train[i]).collect();
         let shards = self.streams.len().clamp(1, examples.len().max(1));
         examples
@@ -401,6 +454,19 @@ impl Trainer {
         let result = self.accumulate(model, data);
         mlx_zoo_core::adapter::set_adapter_training(model, false)?;
         let (accumulated, loss_sum, loss_tokens, tokens) = result?;
+        let (accumulated, loss_sum, loss_tokens, tokens) =
+            self.sum_over_ranks(model, accumulated, loss_sum, loss_tokens, tokens)?;
+        let loss = (loss_sum / loss_tokens.max(1) as f64) as f32;
+        if loss_tokens == 0 {
+            return Err(no_loss_tokens());
+        }
+        if !loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step: self.step + 1,
+                loss,
+                last_checkpoint: self.last_checkpoint.clone(),
+            });
+        }
         let lr = self.config.schedule.lr(self.step);
         let grad_norm = self.apply(model, accumulated, loss_tokens, lr)?;
         self.finish_step(model, grad_norm, loss_sum, loss_tokens, tokens, lr, started)
@@ -411,7 +477,10 @@ impl Trainer {
     /// resumed run), adapters in training mode, and the compiled traces
     /// made (anew for another model) when the run compiles.
     fn begin_step(&mut self, model: &mut dyn CausalLm, index: usize) -> Result<()> {
-        mlx_rs::random::seed(self.config.seed.wrapping_add(index as u64))?;
+        // Ranks other than 0 draw other dropout masks (rank 0 draws those
+        // of a single process).
+        let rank_salt = (self.group.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        mlx_rs::random::seed(self.config.seed.wrapping_add(index as u64) ^ rank_salt)?;
         mlx_zoo_core::adapter::set_adapter_training(model, true)?;
         let address = model as *const dyn CausalLm as *const () as usize;
         if self.compiled.is_some() && self.compiled_for != address {
@@ -425,13 +494,16 @@ impl Trainer {
         Ok(())
     }
 
-    /// The micro-batches of one step: token-weighted gradient sums, the
-    /// loss sum, counted and fed tokens.
+    /// The micro-batches of one step on this rank: token-weighted gradient
+    /// sums (none when no micro-batch had loss tokens), the loss sum,
+    /// counted and fed tokens. A single process stops at the first
+    /// non-finite micro-batch; the ranks of a data-parallel run go on to
+    /// the sum over ranks, where all of them see it.
     fn accumulate(
         &mut self,
         model: &mut dyn CausalLm,
         data: &Dataset,
-    ) -> Result<(FlattenedModuleParam, f64, usize, usize)> {
+    ) -> Result<(Option<FlattenedModuleParam>, f64, usize, usize)> {
         let mut accumulated: Option<FlattenedModuleParam> = None;
         let (mut loss_sum, mut loss_tokens, mut tokens) = (0f64, 0usize, 0usize);
         for _ in 0..self.config.grad_accum {
@@ -465,7 +537,7 @@ impl Trainer {
             self.waited += waiting.elapsed();
             let batch_sum = weighted_loss_sum(&losses);
             let loss = (batch_sum / counted as f64) as f32;
-            if !loss.is_finite() {
+            if !loss.is_finite() && self.group.size() == 1 {
                 return Err(TrainError::NonFiniteLoss {
                     step: self.step + 1,
                     loss,
@@ -476,10 +548,54 @@ impl Trainer {
             loss_tokens += counted;
             accumulated = Some(summed);
         }
-        let Some(accumulated) = accumulated else {
-            return Err(no_loss_tokens());
-        };
         Ok((accumulated, loss_sum, loss_tokens, tokens))
+    }
+
+    /// The step's gradient sums, loss sum and token counts summed over the
+    /// ranks (as they are in a single process), in fused buffers: one
+    /// all-sum per bucket of [`fused::DEFAULT_BUCKET_BYTES`], the counts
+    /// riding in the float32 one. A rank without loss tokens contributes
+    /// zeros. Records the time and bytes in the step's report.
+    fn sum_over_ranks(
+        &mut self,
+        model: &mut dyn CausalLm,
+        accumulated: Option<FlattenedModuleParam>,
+        loss_sum: f64,
+        loss_tokens: usize,
+        tokens: usize,
+    ) -> Result<(FlattenedModuleParam, f64, usize, usize)> {
+        self.comm = (std::time::Duration::ZERO, 0);
+        if self.group.size() == 1 {
+            let accumulated = accumulated.ok_or_else(no_loss_tokens)?;
+            return Ok((accumulated, loss_sum, loss_tokens, tokens));
+        }
+        let started = Instant::now();
+        let accumulated = match accumulated {
+            Some(sums) => sums,
+            None => trainable_snapshot(model)
+                .into_iter()
+                .map(|(k, v)| Ok((k, mlx_rs::ops::zeros_like(&v)?)))
+                .collect::<Result<_, Exception>>()?,
+        };
+        let mut names: Vec<Rc<str>> = accumulated.keys().cloned().collect();
+        names.sort();
+        let mut arrays: Vec<Array> = names.iter().map(|n| accumulated[n].clone()).collect();
+        arrays.push(Array::from_slice(
+            &[loss_sum as f32, loss_tokens as f32, tokens as f32],
+            &[3],
+        ));
+        let (mut sums, stats) = fused::all_sum(&self.group, &arrays, fused::DEFAULT_BUCKET_BYTES)?;
+        mlx_zoo_distributed::group::eval(&sums.iter().collect::<Vec<_>>())?;
+        let counts = sums.pop().expect("the counts were pushed last");
+        let counts = counts.as_slice::<f32>();
+        self.comm = (started.elapsed(), stats.bytes);
+        self.waited += started.elapsed();
+        Ok((
+            names.into_iter().zip(sums).collect(),
+            counts[0] as f64,
+            counts[1].round() as usize,
+            counts[2].round() as usize,
+        ))
     }
 
     /// Averages, clips and applies accumulated gradients at rate `lr`: one
@@ -627,7 +743,23 @@ impl Trainer {
             cache_memory: memory.cache,
             eval_seconds: waited.as_secs_f32().min(seconds),
             graph_seconds: (seconds - waited.as_secs_f32()).max(0.0),
+            comm_seconds: 0.0,
+            comm_bytes: 0,
         })
+    }
+
+    /// Whether the hooks ask to stop; in a data-parallel run, whether any
+    /// rank's do (every rank stops at the same step).
+    fn stop_agreed(&self, hooks: &dyn TrainHooks) -> Result<bool> {
+        let local = hooks.stop_requested();
+        if self.group.size() == 1 {
+            return Ok(local);
+        }
+        let votes = self
+            .group
+            .all_sum(&Array::from_f32(if local { 1.0 } else { 0.0 }))?;
+        mlx_zoo_distributed::group::eval(&[&votes])?;
+        Ok(votes.item_cast::<f32>() > 0.0)
     }
 
     /// Whether [`Self::run`] evaluates or checkpoints after step `number`.
@@ -703,13 +835,17 @@ impl Trainer {
             active_memory: memory.active,
             peak_memory: memory.peak,
             cache_memory: memory.cache,
-            eval_seconds: self.waited.as_secs_f32(),
+            eval_seconds: self.waited.saturating_sub(self.comm.0).as_secs_f32(),
             graph_seconds: (seconds - self.waited.as_secs_f32()).max(0.0),
+            comm_seconds: self.comm.0.as_secs_f32(),
+            comm_bytes: self.comm.1,
         })
     }
 
     /// The mean loss over `examples` (token-weighted), in batches of the
-    /// run's size; at most `max_batches` batches when non-zero.
+    /// run's size; at most `max_batches` batches when non-zero. Each rank
+    /// of a data-parallel run takes its share of every batch and the sums
+    /// are added over the ranks.
     pub fn evaluate(
         &self,
         model: &mut dyn CausalLm,
@@ -721,7 +857,11 @@ impl Trainer {
             if max_batches > 0 && index >= max_batches {
                 break;
             }
-            let refs: Vec<&Example> = chunk.iter().collect();
+            let share = self.my_share((0..chunk.len()).collect());
+            if share.is_empty() {
+                continue;
+            }
+            let refs: Vec<&Example> = share.iter().map(|&i| &chunk[i]).collect();
             let batch = self.batch_of(&refs)?;
             let logits = match &batch.segments {
                 Some(segments) => model.forward_packed(&batch.inputs, segments)?,
@@ -732,14 +872,27 @@ impl Trainer {
             sum += loss.item_cast::<f32>() as f64 * n;
             count += n;
         }
+        if self.group.size() > 1 {
+            let mine = Array::from_slice(&[sum as f32, count as f32], &[2]);
+            let total = self.group.all_sum(&mine)?;
+            mlx_zoo_distributed::group::eval(&[&total])?;
+            let total = total.as_slice::<f32>();
+            (sum, count) = (total[0] as f64, total[1] as f64);
+        }
         Ok((count > 0.0).then(|| (sum / count) as f32))
     }
 
     /// Writes `dir/step-NNNNNN/` (the trainable parameters, the optimizer
     /// state, the step and data position) through a temporary directory
-    /// renamed into place, and returns its path.
+    /// renamed into place, and returns its path. In a data-parallel run
+    /// only rank 0 writes (every rank holds the same state); the others
+    /// return the path it writes.
     pub fn save_checkpoint(&mut self, model: &mut dyn CausalLm, dir: &Path) -> Result<PathBuf> {
         let target = dir.join(format!("step-{:06}", self.step));
+        if !self.group.is_main() {
+            self.last_checkpoint = Some(target.clone());
+            return Ok(target);
+        }
         let temp = dir.join(format!(".step-{:06}.tmp", self.step));
         let io = |path: &Path| TrainError::io(path.to_path_buf());
         if temp.exists() {
@@ -900,11 +1053,12 @@ impl Trainer {
         // and queued while the device computes the current one, except
         // before an evaluation, a checkpoint, the end or a stop, which need
         // the model as of the step that completed.
-        let pipelined = self.will_compile(model)?;
+        // Data-parallel steps wait for the sum over ranks each step.
+        let pipelined = self.will_compile(model)? && self.group.size() == 1;
         let mut in_flight: Option<InFlight> = None;
         self.last_completed = None;
         while self.step < self.config.iters {
-            if in_flight.is_none() && hooks.stop_requested() {
+            if in_flight.is_none() && self.stop_agreed(hooks)? {
                 summary.interrupted = true;
                 break;
             }
