@@ -12,6 +12,7 @@ const LAYERS: &[&[&str]] = &[
     // Plain data and files: no MLX model in sight.
     &[
         "error",
+        "mlx_error",
         "atomic",
         "stored_dtype",
         "pickle",
