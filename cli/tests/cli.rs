@@ -919,14 +919,17 @@ fn max_tensor_diff(a: &Path, b: &Path) -> f32 {
 /// Two ranks with the global batch split between them make the updates one
 /// process makes with the whole batch: the same losses within 1e-5 over 5
 /// steps and the same adapter, for LoRA (also accumulating, packed and
-/// recomputing activations) and full fine-tuning; only rank 0 writes.
+/// recomputing activations), QLoRA, DoRA and full fine-tuning; only rank 0
+/// writes.
 #[test]
 fn two_ranks_train_like_one_process_with_the_whole_batch() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data.jsonl");
     write_sums(&data);
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 5] = [
         ("lora", &[]),
+        ("qlora", &["--train-type", "qlora"]),
+        ("dora", &["--train-type", "dora"]),
         (
             "lora-accum-packed",
             &["--grad-accum", "2", "--pack", "--grad-checkpoint"],
@@ -1086,4 +1089,57 @@ fn launch_reports_bad_splits_and_dead_ranks() {
             .any(|l| l.contains("rank 1 exited with status 137; stopping the other ranks")),
         "{rest:?}"
     );
+}
+
+/// `zoo launch --hostfile` starts one rank per host through the ssh
+/// program (here a stand-in that runs the command locally), in the same
+/// folder, with the ring's hostfile written on the "remote" side.
+#[test]
+fn launch_over_ssh_runs_one_rank_per_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    write_sums(&data);
+    let ssh = dir.path().join("fake-ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/sh\n# fake-ssh HOST COMMAND: runs COMMAND here\nexec sh -c \"$2\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hosts = dir.path().join("hosts.json");
+    std::fs::write(
+        &hosts,
+        r#"[{"ssh": "mac1", "ips": ["127.0.0.1"]}, {"ssh": "me@mac2", "ips": ["127.0.0.1"]}]"#,
+    )
+    .unwrap();
+    // Two consecutive free ports for the ring.
+    let port = (20000..60000u16)
+        .step_by(7)
+        .find(|&p| {
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+        })
+        .unwrap();
+    let out = dir.path().join("run");
+    let mut args: Vec<String> = [
+        "launch",
+        "--hostfile",
+        hosts.to_str().unwrap(),
+        "--ssh",
+        ssh.to_str().unwrap(),
+        "--port",
+        &port.to_string(),
+        "--",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(finetune_args(&data, &out));
+    args.extend(["--iters", "3"].map(String::from));
+    let launched = zoo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let text = stdout(&launched);
+    let err = String::from_utf8_lossy(&launched.stderr);
+    assert!(err.contains("2 ranks over ring on mac1, me@mac2"), "{err}");
+    assert!(text.contains("[rank 0] trained 3 steps"), "{text}");
+    assert_eq!(step_losses(&out).len(), 3);
 }
