@@ -16,7 +16,6 @@ ranks.
 import argparse
 import json
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import CACHE, ZOO, make_model  # noqa: E402
-from bench_train import RANK, SEQ, TOKENIZER, make_data  # noqa: E402
+from bench_generate import ZOO  # noqa: E402
+from bench_train import RANK, SEQ, prepare_workload  # noqa: E402
 
 LR = 1e-4
 
@@ -80,15 +79,10 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--skip-mlx-lm", action="store_true")
     args = parser.parse_args()
-    if not ZOO.is_file():
-        print(f"build first: cargo build --release -p mlx-zoo-cli ({ZOO} is missing)", file=sys.stderr)
+    workload = prepare_workload()
+    if workload is None:
         return 1
-    model = CACHE / "llama-24m"
-    make_model(model)
-    for name in ["tokenizer.json", "tokenizer_config.json"]:
-        shutil.copy(TOKENIZER / name, model / name)
-    data = CACHE / "train-data"
-    make_data(data)
+    model, data = workload
     kind = "full fine-tuning" if args.full else f"LoRA rank {RANK} on q/k/v/o"
     print(f"llama-24m float32, {kind}, global batch {args.batch} x {SEQ}, {args.iters} steps")
     one = zoo_run(model, data, args.iters, args.batch, 1, args.full)

@@ -97,6 +97,20 @@ def mlx_lm_run(model: Path, data: Path, iters: int, checkpoint: bool) -> tuple[f
     return statistics.median(speeds[3:]), max_rss_mib(result.stderr)
 
 
+def prepare_workload() -> tuple[Path, Path] | None:
+    """The model (with the fixture tokenizer) and data in the cache; None without a release build."""
+    if not ZOO.is_file():
+        print(f"build first: cargo build --release -p mlx-zoo-cli ({ZOO} is missing)", file=sys.stderr)
+        return None
+    model = CACHE / "llama-24m"
+    make_model(model)
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(TOKENIZER / name, model / name)
+    data = CACHE / "train-data"
+    make_data(data)
+    return model, data
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iters", type=int, default=30)
@@ -104,15 +118,10 @@ def main() -> int:
     parser.add_argument("--grad-checkpoint", action="store_true", help="both sides recompute blocks")
     parser.add_argument("--repeat", type=int, default=1, help="alternating runs per side; medians reported")
     args = parser.parse_args()
-    if not ZOO.is_file():
-        print(f"build first: cargo build --release -p mlx-zoo-cli ({ZOO} is missing)", file=sys.stderr)
+    workload = prepare_workload()
+    if workload is None:
         return 1
-    model = CACHE / "llama-24m"
-    make_model(model)
-    for name in ["tokenizer.json", "tokenizer_config.json"]:
-        shutil.copy(TOKENIZER / name, model / name)
-    data = CACHE / "train-data"
-    make_data(data)
+    model, data = workload
     mlx_model = model
     if args.qlora:
         mlx_model = CACHE / "llama-24m-q4"

@@ -900,19 +900,12 @@ fn max_tensor_diff(a: &Path, b: &Path) -> f32 {
     let a = mlx_rs::Array::load_safetensors(a).unwrap();
     let b = mlx_rs::Array::load_safetensors(b).unwrap();
     assert_eq!(a.len(), b.len());
+    let values = |t: &mlx_rs::Array| {
+        let t = t.as_dtype(mlx_rs::Dtype::Float32).unwrap();
+        t.as_slice::<f32>().to_vec()
+    };
     a.iter()
-        .map(|(name, x)| {
-            let y = &b[name];
-            let x = x.as_dtype(mlx_rs::Dtype::Float32).unwrap();
-            let y = y.as_dtype(mlx_rs::Dtype::Float32).unwrap();
-            x.subtract(&y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(None)
-                .unwrap()
-                .item_cast::<f32>()
-        })
+        .map(|(name, x)| mlx_zoo_tests::max_abs_diff(&values(x), &values(&b[name])))
         .fold(0f32, f32::max)
 }
 
