@@ -370,7 +370,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     // Text in means text out, through the model's tokenizer.
     let tokenizer = if args.prompt.is_some() || args.chat.is_some() || !args.stop.is_empty() {
         let dir = args.tokenizer.as_deref().unwrap_or(&args.model);
-        Some(mlx_zoo::tokenizer::Tokenizer::from_dir(dir)?)
+        Some(mlx_zoo::tokenizer::Tokenizer::from_path(dir)?)
     } else {
         None
     };

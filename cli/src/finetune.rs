@@ -349,7 +349,7 @@ pub fn finetune(args: &FinetuneArgs, quiet: bool) -> Result<()> {
         }
     }
     let tokenizer_dir = args.tokenizer.as_deref().unwrap_or(&args.model);
-    let tokenizer = mlx_zoo::tokenizer::Tokenizer::from_dir(tokenizer_dir)
+    let tokenizer = mlx_zoo::tokenizer::Tokenizer::from_path(tokenizer_dir)
         .with_context(|| format!("reading the tokenizer of {}", tokenizer_dir.display()))?;
     let data_options = DataOptions {
         max_seq_len: args.shape.max_seq_len,

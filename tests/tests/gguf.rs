@@ -1,7 +1,8 @@
 //! GGUF files written by llama.cpp's gguf-py (make_gguf_fixtures.py) from
 //! the float `llama-gqa` fixture: the float file gives transformers'
 //! logits, and every quantized layer (Q8_0, Q4_0, Q4_1) repacks into MLX's
-//! affine layout that de-quantizes to exactly what gguf-py de-quantizes.
+//! affine layout that de-quantizes to exactly what gguf-py de-quantizes; the
+//! tokenizer a GGUF file carries encodes as transformers' GGUF tokenizer.
 
 use mlx_rs::Array;
 use mlx_zoo::loader::{self, LoadOptions};
@@ -185,4 +186,66 @@ fn k_quants_repack_or_dequantize_exactly() {
         values.as_slice(),
         expected["kquants/q6_k"].as_slice::<f32>()
     );
+}
+
+/// The tokenizer a GGUF file carries (SmolLM2's byte-level BPE, its
+/// metadata copied into a tensorless file): the same ids as transformers'
+/// GGUF tokenizer on a varied corpus (unicode, whitespace runs, special
+/// tokens glued to text), the end-of-sequence token, no BOS (the file's
+/// add_bos_token is false) and the chat template.
+#[test]
+fn a_gguf_tokenizer_encodes_as_transformers_does() {
+    let dir = fixture("gguf");
+    let tokenizer =
+        mlx_zoo::tokenizer::Tokenizer::from_path(&dir.join("smollm2-tokenizer.gguf")).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("smollm2-tokenizer.json")).unwrap())
+            .unwrap();
+    let cases = expected["cases"].as_array().unwrap();
+    assert!(cases.len() >= 12);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tokenizer.encode(text, true).unwrap();
+        assert_eq!(got, want, "{text:?}");
+        if !text.contains("<|") {
+            assert_eq!(
+                tokenizer.decode(&got).unwrap(),
+                text,
+                "round trip of {text:?}"
+            );
+        }
+    }
+    assert_eq!(tokenizer.eos_ids(), &[2]);
+    let chat = tokenizer
+        .apply_chat_template(
+            &[mlx_zoo::tokenizer::ChatMessage {
+                role: "user".into(),
+                content: "What is the capital of France?".into(),
+            }],
+            true,
+        )
+        .unwrap();
+    assert!(
+        chat.ends_with(
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        "{chat}"
+    );
+}
+
+/// A GGUF file without tokenizer metadata, or with a SentencePiece one, is
+/// refused with the key named.
+#[test]
+fn gguf_files_without_a_byte_level_tokenizer_are_refused_by_key() {
+    let error =
+        mlx_zoo::tokenizer::Tokenizer::from_path(&fixture("gguf").join("llama-gqa-f32.gguf"))
+            .unwrap_err()
+            .to_string();
+    assert!(error.contains("tokenizer.ggml.model"), "{error}");
 }

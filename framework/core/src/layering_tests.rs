@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
         "mapping",
     ],
     // Checkpoint readers.
-    &["checkpoint", "prequantized", "gguf"],
+    &["checkpoint", "prequantized", "gguf", "gguf_tokenizer"],
     // Models and what runs them.
     &[
         "nn",

@@ -28,6 +28,7 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod loader;
 pub mod mapping;
 pub mod mlx_error;

@@ -50,6 +50,50 @@ fn special(config: &serde_json::Value, key: &str) -> Option<String> {
 }
 
 impl Tokenizer {
+    /// The tokenizer of a model path: a directory's `tokenizer.json`
+    /// ([`Tokenizer::from_dir`]) or a GGUF file's metadata
+    /// ([`Tokenizer::from_gguf`]).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let is_gguf = path.is_file()
+            && path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if is_gguf {
+            Self::from_gguf(path)
+        } else {
+            Self::from_dir(path)
+        }
+    }
+
+    /// The tokenizer a GGUF file carries (see [`crate::gguf_tokenizer`]).
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let read = crate::gguf_tokenizer::from_gguf(path)?;
+        let text = read.tokenizer_json.to_string();
+        let inner = text
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| Error::Archive {
+                path: path.to_path_buf(),
+                message: format!("its tokenizer metadata does not make a tokenizer: {e}"),
+            })?;
+        let id = |token: &Option<String>| token.as_deref().and_then(|t| inner.token_to_id(t));
+        let bos = if read.add_bos { id(&read.bos) } else { None };
+        let eos = id(&read.eos).into_iter().collect();
+        let chat_templates = read
+            .chat_template
+            .map(|t| ("default".to_owned(), t))
+            .into_iter()
+            .collect();
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+            bos,
+            eos,
+            bos_text: read.bos.unwrap_or_default(),
+            eos_text: read.eos.unwrap_or_default(),
+            chat_templates,
+        })
+    }
+
     /// Reads `tokenizer.json` (and `tokenizer_config.json`, when present)
     /// from `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
