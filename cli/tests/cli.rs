@@ -147,7 +147,7 @@ fn missing_model_directory_is_named() {
 
 #[test]
 fn demo_runs_on_the_bundled_model() {
-    let out = stdout(&zoo(&["demo"]));
+    let out = stdout(&zoo(&["demo", "--tiny"]));
     assert!(out.contains("(match)"), "{out}");
     assert!(out.contains("greedy continuation"), "{out}");
     // The training stages: the sentence is learned, survives 4-bit
