@@ -239,10 +239,41 @@ fn a_gguf_tokenizer_encodes_as_transformers_does() {
     );
 }
 
-/// A GGUF file without tokenizer metadata, or with a SentencePiece one, is
-/// refused with the key named.
+/// A SentencePiece GGUF tokenizer (a 600-piece BPE model with byte
+/// fallback, trained by make_gguf_spm_tokenizer_fixture.py and written as
+/// llama.cpp writes one: pieces, scores and types, no merges): the same ids
+/// as transformers, whose merges it recovers from the scores the same way;
+/// BOS in front (the file's add_bos_token).
 #[test]
-fn gguf_files_without_a_byte_level_tokenizer_are_refused_by_key() {
+fn a_sentencepiece_gguf_tokenizer_encodes_as_transformers_does() {
+    let dir = fixture("gguf");
+    let tokenizer =
+        mlx_zoo::tokenizer::Tokenizer::from_path(&dir.join("spm-tokenizer.gguf")).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("spm-tokenizer.json")).unwrap())
+            .unwrap();
+    let cases = expected["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tokenizer.encode(text, false).unwrap();
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(tokenizer.encode(text, true).unwrap()[0], 1, "BOS in front");
+    }
+    assert_eq!(tokenizer.eos_ids(), &[2]);
+    let ids = tokenizer.encode("naïve café 🙂", false).unwrap();
+    assert_eq!(tokenizer.decode(&ids).unwrap(), "naïve café 🙂");
+}
+
+/// A GGUF file without tokenizer metadata is refused with the key named.
+#[test]
+fn gguf_files_without_a_tokenizer_are_refused_by_key() {
     let error =
         mlx_zoo::tokenizer::Tokenizer::from_path(&fixture("gguf").join("llama-gqa-f32.gguf"))
             .unwrap_err()

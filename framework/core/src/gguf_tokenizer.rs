@@ -6,10 +6,12 @@
 //! merges, byte-level pre-tokenization (split as Llama 3's or Qwen2's
 //! vocabulary was learnt when `tokenizer.ggml.pre` names them) and decoding,
 //! control tokens (type 3) as special tokens and user-defined ones (type 4)
-//! as added tokens. The beginning-of-sequence token counts only when
+//! as added tokens. `llama` (SentencePiece: pieces and scores, no merges)
+//! becomes the byte-fallback BPE transformers' `LlamaTokenizer` builds, its
+//! merges recovered from the scores. The beginning-of-sequence token counts only when
 //! `tokenizer.ggml.add_bos_token` says so, as llama.cpp reads it; the end of
 //! sequence, padding and the chat template (`tokenizer.chat_template`) come
-//! along. SentencePiece files (`llama`) are refused by name for now.
+//! along.
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -19,6 +21,8 @@ use std::path::Path;
 
 /// llama.cpp's token type of control tokens (`LLAMA_TOKEN_TYPE_CONTROL`).
 const CONTROL: i64 = 3;
+/// llama.cpp's token type of the unknown token.
+const UNKNOWN: i64 = 2;
 /// llama.cpp's token type of user-defined tokens (added, not special).
 const USER_DEFINED: i64 = 4;
 
@@ -91,10 +95,10 @@ pub fn from_file(file: &GgufFile) -> Result<GgufTokenizer> {
                 "missing: the file carries no tokenizer; give token ids or --tokenizer DIR".into(),
             )
         })?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(bad(
             "tokenizer.ggml.model",
-            format!("`{model}`: only byte-level BPE (`gpt2`) tokenizers are read from GGUF files yet; give --tokenizer DIR with the model's tokenizer.json"),
+            format!("`{model}`: only byte-level BPE (`gpt2`) and SentencePiece (`llama`) tokenizers are read from GGUF files; give --tokenizer DIR with the model's tokenizer.json"),
         ));
     }
     let strings = |key: &str| -> Result<Vec<String>> {
@@ -113,11 +117,70 @@ pub fn from_file(file: &GgufFile) -> Result<GgufTokenizer> {
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
     let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
         Some(Value::Array(items)) => items.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
         _ => Vec::new(),
     };
+    let tokenizer_json = if model == "llama" {
+        let scores: Vec<f64> = file
+            .get("tokenizer.ggml.scores")
+            .and_then(Value::as_array)
+            .ok_or_else(|| {
+                bad(
+                    "tokenizer.ggml.scores",
+                    "missing or not an array: a SentencePiece vocabulary needs its scores".into(),
+                )
+            })?
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(0.0))
+            .collect();
+        if scores.len() != tokens.len() {
+            return Err(bad(
+                "tokenizer.ggml.scores",
+                format!("{} scores for {} tokens", scores.len(), tokens.len()),
+            ));
+        }
+        sentencepiece_json(&tokens, &scores, &types)
+    } else {
+        let merges = strings("tokenizer.ggml.merges")?;
+        byte_level_json(&tokens, &merges, &types, file)
+            .map_err(|(key, message)| bad(key, message))?
+    };
+    let token_of = |key: &str| -> Result<Option<String>> {
+        match file.get(key).and_then(Value::as_u64) {
+            None => Ok(None),
+            Some(id) => tokens.get(id as usize).cloned().map(Some).ok_or_else(|| {
+                bad(
+                    key,
+                    format!("token {id} is past the {} tokens", tokens.len()),
+                )
+            }),
+        }
+    };
+    let add_bos = file
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(GgufTokenizer {
+        tokenizer_json,
+        bos: token_of("tokenizer.ggml.bos_token_id")?,
+        add_bos,
+        eos: token_of("tokenizer.ggml.eos_token_id")?,
+        chat_template: file
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+/// The byte-level BPE document (transformers' `byte_level_tokenizer` plus
+/// its special and split handling); an error names the key and the fault.
+fn byte_level_json(
+    tokens: &[String],
+    merges: &[String],
+    types: &[i64],
+    file: &GgufFile,
+) -> std::result::Result<Value, (&'static str, String)> {
     let alphabet = byte_level_chars();
     let in_alphabet: BTreeSet<char> = alphabet.iter().copied().collect();
     let spelled = |token: &str| -> String {
@@ -137,14 +200,14 @@ pub fn from_file(file: &GgufFile) -> Result<GgufTokenizer> {
     let mut merge_pairs = Vec::with_capacity(merges.len());
     for (i, merge) in merges.iter().enumerate() {
         let (left, right) = merge.split_once(' ').ok_or_else(|| {
-            bad(
+            (
                 "tokenizer.ggml.merges",
                 format!("entry {i} `{merge}` is not two tokens separated by a space"),
             )
         })?;
         for piece in [left, right] {
             if !ids.contains_key(piece) {
-                return Err(bad(
+                return Err((
                     "tokenizer.ggml.merges",
                     format!("entry {i} `{merge}` names `{piece}`, which is not in tokenizer.ggml.tokens"),
                 ));
@@ -157,7 +220,7 @@ pub fn from_file(file: &GgufFile) -> Result<GgufTokenizer> {
     // user-defined ones stay whole as plain added tokens.
     let added: Vec<Value> = tokens
         .iter()
-        .zip(&types)
+        .zip(types)
         .enumerate()
         .filter_map(|(id, (token, kind))| {
             let special = match *kind {
@@ -186,7 +249,7 @@ pub fn from_file(file: &GgufFile) -> Result<GgufTokenizer> {
         ]}),
         None => byte_level(false, true, true),
     };
-    let tokenizer_json = json!({
+    Ok(json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -201,31 +264,84 @@ pub fn from_file(file: &GgufFile) -> Result<GgufTokenizer> {
             "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merge_pairs,
         },
-    });
-    let token_of = |key: &str| -> Result<Option<String>> {
-        match file.get(key).and_then(Value::as_u64) {
-            None => Ok(None),
-            Some(id) => tokens.get(id as usize).cloned().map(Some).ok_or_else(|| {
-                bad(
-                    key,
-                    format!("token {id} is past the {} tokens", tokens.len()),
-                )
-            }),
+    }))
+}
+
+/// The SentencePiece document, as transformers builds it from a GGUF file
+/// (`LlamaTokenizer` over the file's vocabulary): a BPE with byte fallback
+/// whose merges are recovered from the scores (every split of a token into
+/// two vocabulary pieces, ranked by the token's score, then by the pieces'
+/// lengths, longest first), `▁` prepended to the first word only, no
+/// normalizer; control and unknown tokens special.
+fn sentencepiece_json(tokens: &[String], scores: &[f64], types: &[i64]) -> Value {
+    // Python dict semantics: a repeated token keeps its first position in
+    // the iteration order and its last id and score.
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut score_of: HashMap<&str, f64> = HashMap::new();
+    let mut order: Vec<&str> = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        if ids.insert(token, id).is_none() {
+            order.push(token);
         }
-    };
-    let add_bos = file
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    Ok(GgufTokenizer {
-        tokenizer_json,
-        bos: token_of("tokenizer.ggml.bos_token_id")?,
-        add_bos,
-        eos: token_of("tokenizer.ggml.eos_token_id")?,
-        chat_template: file
-            .get("tokenizer.chat_template")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
+        score_of.insert(token, scores[id]);
+    }
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for merge in &order {
+        let score = score_of[merge];
+        let mut local: Vec<(&str, &str, f64)> = merge
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| merge.split_at(at))
+            .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
+            .map(|(l, r)| (l, r, score))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (ids[l], ids[r]));
+        merges.extend(local);
+    }
+    let key = |m: &(&str, &str, f64)| (m.2, m.0.chars().count(), m.1.chars().count());
+    // Stable, descending: equal keys keep their order, as Python's
+    // `sorted(..., reverse=True)` does.
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
+    });
+    let mut vocab = serde_json::Map::new();
+    for (id, token) in tokens.iter().enumerate() {
+        vocab.insert(token.clone(), json!(id));
+    }
+    let added: Vec<Value> = tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, kind))| matches!(**kind, CONTROL | UNKNOWN))
+        .map(|(id, (token, _))| {
+            json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges.iter().map(|(l, r, _)| json!([l, r])).collect::<Vec<_>>(),
+        },
     })
 }
 
