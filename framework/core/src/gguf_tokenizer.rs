@@ -8,10 +8,10 @@
 //! control tokens (type 3) as special tokens and user-defined ones (type 4)
 //! as added tokens. `llama` (SentencePiece: pieces and scores, no merges)
 //! becomes the byte-fallback BPE transformers' `LlamaTokenizer` builds, its
-//! merges recovered from the scores. The beginning-of-sequence token counts only when
-//! `tokenizer.ggml.add_bos_token` says so, as llama.cpp reads it; the end of
-//! sequence, padding and the chat template (`tokenizer.chat_template`) come
-//! along.
+//! merges recovered from the scores. The beginning-of-sequence token goes in
+//! front of texts as `tokenizer.ggml.add_bos_token` says (absent: yes for
+//! SentencePiece, no for byte-level, as llama.cpp reads it); the end of
+//! sequence and the chat template (`tokenizer.chat_template`) come along.
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -47,7 +47,8 @@ pub struct GgufTokenizer {
     /// The beginning-of-sequence token (the chat template's `bos_token`).
     pub bos: Option<String>,
     /// Whether the file asks for it in front of every text
-    /// (`tokenizer.ggml.add_bos_token`, false when absent).
+    /// (`tokenizer.ggml.add_bos_token`; when absent, true for SentencePiece
+    /// and false for byte-level vocabularies).
     pub add_bos: bool,
     /// The end-of-sequence token.
     pub eos: Option<String>,
@@ -157,10 +158,12 @@ pub fn from_file(file: &GgufFile) -> Result<GgufTokenizer> {
             }),
         }
     };
+    // Without the flag, llama.cpp (and transformers) put BOS in front of a
+    // SentencePiece vocabulary's texts, not of a byte-level one's.
     let add_bos = file
         .get("tokenizer.ggml.add_bos_token")
         .and_then(Value::as_bool)
-        .unwrap_or(false);
+        .unwrap_or(model == "llama");
     Ok(GgufTokenizer {
         tokenizer_json,
         bos: token_of("tokenizer.ggml.bos_token_id")?,
