@@ -122,8 +122,9 @@ pub fn launch(args: &LaunchArgs) -> Result<ExitCode> {
                             .env("NCCL_HOST_IP", "127.0.0.1")
                             .env("NCCL_PORT", port.to_string())
                             .env("CUDA_VISIBLE_DEVICES", rank.to_string());
-                        // NVLink multicast off unless asked for (see KINDS.md's
-                        // note in docs/BENCHMARKS.md).
+                        // NVLink multicast (NVLS) off unless asked for: it needs
+                        // fabric support that shared and virtualised GPU hosts
+                        // often lack, and NCCL then fails at start.
                         if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
                             command.env("NCCL_NVLS_ENABLE", "0");
                         }
