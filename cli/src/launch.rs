@@ -219,11 +219,20 @@ fn forward(rank: usize, from: impl std::io::Read, to: impl Write) {
     }
 }
 
-/// Waits for every rank. When one fails, the others get SIGTERM, then
-/// SIGKILL after `grace`; the exit status is the first failure's.
+/// How long after a first failure other exits still count as part of it:
+/// a rank killed by a signal makes its peers fail within milliseconds, and
+/// the one killed is the cause to report.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// Waits for every rank. When one fails, failures of the next
+/// [`SETTLE`] are gathered, the cause is named (a rank killed by a signal
+/// before one that exited with an error, then the earliest), and the others
+/// get SIGTERM, then SIGKILL after `grace`; the exit status is the cause's.
 fn supervise(mut ranks: Vec<Rank>, grace: Duration) -> Result<ExitCode> {
     let mut statuses: Vec<Option<i32>> = vec![None; ranks.len()];
-    let mut failure: Option<(usize, i32)> = None;
+    let mut failures: Vec<(usize, i32)> = Vec::new();
+    let mut first_failure: Option<Instant> = None;
+    let mut cause: Option<(usize, i32)> = None;
     let mut stopping_since: Option<Instant> = None;
     while statuses.iter().any(Option::is_none) {
         for (rank, state) in ranks.iter_mut().enumerate() {
@@ -233,13 +242,40 @@ fn supervise(mut ranks: Vec<Rank>, grace: Duration) -> Result<ExitCode> {
             if let Some(status) = state.child.try_wait().context("waiting for a rank")? {
                 let code = exit_code_of(status);
                 statuses[rank] = Some(code);
-                if code != 0 && failure.is_none() && stopping_since.is_none() {
-                    eprintln!("zoo launch: rank {rank} exited with status {code}; stopping the other ranks");
-                    failure = Some((rank, code));
+                if code != 0 && cause.is_none() {
+                    failures.push((rank, code));
+                    first_failure.get_or_insert_with(Instant::now);
                 }
             }
         }
-        if failure.is_some() {
+        let settled = first_failure.is_some_and(|t| t.elapsed() >= SETTLE)
+            || (first_failure.is_some() && statuses.iter().all(Option::is_some));
+        if cause.is_none() && settled {
+            let killed = failures.iter().find(|(_, code)| *code > 128);
+            let chosen = *killed.unwrap_or(&failures[0]);
+            let others: Vec<String> = failures
+                .iter()
+                .filter(|f| **f != chosen)
+                .map(|(rank, code)| format!("rank {rank} then exited with status {code}"))
+                .collect();
+            eprintln!(
+                "zoo launch: rank {} exited with status {}{}; stopping the other ranks{}",
+                chosen.0,
+                chosen.1,
+                if chosen.1 > 128 {
+                    format!(" (signal {})", chosen.1 - 128)
+                } else {
+                    String::new()
+                },
+                if others.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", others.join(", "))
+                }
+            );
+            cause = Some(chosen);
+        }
+        if cause.is_some() {
             let since = *stopping_since.get_or_insert_with(|| {
                 for (rank, state) in ranks.iter().enumerate() {
                     if statuses[rank].is_none() {
@@ -263,7 +299,7 @@ fn supervise(mut ranks: Vec<Rank>, grace: Duration) -> Result<ExitCode> {
             let _ = reader.join();
         }
     }
-    Ok(match failure {
+    Ok(match cause {
         Some((_, code)) => ExitCode::from(code.clamp(1, 255) as u8),
         None => ExitCode::SUCCESS,
     })

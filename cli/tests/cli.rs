@@ -1079,7 +1079,8 @@ fn launch_reports_bad_splits_and_dead_ranks() {
     assert_eq!(status.code(), Some(137), "{rest:?}");
     assert!(
         rest.iter()
-            .any(|l| l.contains("rank 1 exited with status 137; stopping the other ranks")),
+            .any(|l| l
+                .contains("rank 1 exited with status 137 (signal 9); stopping the other ranks")),
         "{rest:?}"
     );
 }
